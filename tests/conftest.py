@@ -1,0 +1,28 @@
+"""Shared fixtures: the bundled demo built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "mimic-iv-demo"
+AGENTCLINIC = ROOT / "data" / "agentclinic" / "agentclinic_medqa.jsonl"
+
+
+@pytest.fixture(scope="session")
+def demo_result():
+    from diaggym.sources.mimic_iv import build_mimic_iv_cases
+
+    return build_mimic_iv_cases(DEMO)
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory):
+    """The demo preprocessed through the same function the CLI calls."""
+    from diaggym.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("demo") / "cases"
+    card = preprocess("mimic-iv", DEMO, out, parquet=True)
+    return out, card
