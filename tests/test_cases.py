@@ -12,14 +12,31 @@ from diaggym.errors import InputError
 
 def _case(**over) -> dict:
     base = {
-        "schema": SCHEMA, "case_id": "t:1", "source": "test", "split": "train", "subject_key": "p1",
+        "schema": SCHEMA,
+        "case_id": "t:1",
+        "source": "test",
+        "split": "train",
+        "subject_key": "p1",
         "profile": {"sex": "F", "age": 67, "chief_complaint": "dyspnea"},
         "final_diagnosis": "Pneumonia",
         "exams": [
             {"name": "PE: Vital Signs", "kind": "physical", "group": 0, "result": "Heart Rate: 90 bpm"},
-            {"name": "Anion Gap", "kind": "lab", "group": 1, "time": "2180-05-06T22:23:00",
-             "items": [{"name": "Anion Gap", "value": "16", "valuenum": 16.0, "unit": "mEq/L",
-                        "ref_low": 8.0, "ref_high": 20.0}]},
+            {
+                "name": "Anion Gap",
+                "kind": "lab",
+                "group": 1,
+                "time": "2180-05-06T22:23:00",
+                "items": [
+                    {
+                        "name": "Anion Gap",
+                        "value": "16",
+                        "valuenum": 16.0,
+                        "unit": "mEq/L",
+                        "ref_low": 8.0,
+                        "ref_high": 20.0,
+                    }
+                ],
+            },
         ],
     }
     base.update(over)

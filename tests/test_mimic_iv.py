@@ -96,29 +96,18 @@ def test_deterministic(demo_result):
 
 
 # ------------------------------------------------------------------ notes (full MIMIC-IV-Note layout)
-NOTE = """Name:  ___                  Unit No:   ___
- 
-Sex:   F
- 
-Chief Complaint:
-abdominal pain
- 
-History of Present Illness:
-Pain for two days.
- 
-Physical Exam:
-VS: 98.1 120/80 88 16 98%RA
-Abd: soft, tender RLQ
- 
-Pertinent Results:
-none
- 
-Discharge Diagnosis:
-Acute appendicitis
- 
-Discharge Condition:
-good
-"""
+NOTE = "\n \n".join(  # MIMIC notes separate sections with a line holding one space
+    [
+        "Name:  ___                  Unit No:   ___",
+        "Sex:   F",
+        "Chief Complaint:\nabdominal pain",
+        "History of Present Illness:\nPain for two days.",
+        "Physical Exam:\nVS: 98.1 120/80 88 16 98%RA\nAbd: soft, tender RLQ",
+        "Pertinent Results:\nnone",
+        "Discharge Diagnosis:\nAcute appendicitis",
+        "Discharge Condition:\ngood\n",
+    ]
+)
 
 
 def test_parse_discharge_note_sections():
@@ -139,9 +128,18 @@ def test_notes_give_header_pe_and_diagnosis(tmp_path, demo_result):
     target = demo_result.cases[0]
     hadm = int(target.case_id.split(":")[1])
     (root / "note").mkdir()
-    pl.DataFrame({"note_id": ["n1"], "subject_id": [int(target.subject_key.split(":")[1])], "hadm_id": [hadm],
-                  "note_type": ["DS"], "note_seq": [1], "charttime": ["2100-01-01 00:00:00"],
-                  "storetime": [""], "text": [NOTE]}).write_csv(root / "note" / "discharge.csv")
+    pl.DataFrame(
+        {
+            "note_id": ["n1"],
+            "subject_id": [int(target.subject_key.split(":")[1])],
+            "hadm_id": [hadm],
+            "note_type": ["DS"],
+            "note_seq": [1],
+            "charttime": ["2100-01-01 00:00:00"],
+            "storetime": [""],
+            "text": [NOTE],
+        }
+    ).write_csv(root / "note" / "discharge.csv")
     cases = {c.case_id: c for c in build_mimic_iv_cases(root).cases}
     c = cases[target.case_id]
     assert c.profile.note.startswith("Name:  ___")
@@ -177,8 +175,11 @@ def test_unparseable_timestamp(tmp_path):
     cols[2] = "yesterday noon"
     lines[3] = ",".join(cols)
     _gz_write(root / "hosp" / "admissions.csv.gz", "\n".join(lines) + "\n")
-    with pytest.raises(InputError, match=r"admissions\.csv\.gz: column 'admittime' has an unparseable "
-                                         r"timestamp 'yesterday noon' at data row 3"):
+    with pytest.raises(
+        InputError,
+        match=r"admissions\.csv\.gz: column 'admittime' has an unparseable "
+        r"timestamp 'yesterday noon' at data row 3",
+    ):
         build_mimic_iv_cases(root)
 
 

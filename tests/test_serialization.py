@@ -33,8 +33,11 @@ def test_single_analyte_matches_the_reference_string():
 
 
 def test_panel_prefixes_each_analyte_and_omits_missing_parts():
-    items = [ANION_GAP, LabItem(name="Glucose", value="NEG"), LabItem(name="pH", valuenum=7.4, ref_low=7.35,
-                                                                      ref_high=7.45)]
+    items = [
+        ANION_GAP,
+        LabItem(name="Glucose", value="NEG"),
+        LabItem(name="pH", valuenum=7.4, ref_low=7.35, ref_high=7.45),
+    ]
     exam = Exam(name="Basic Metabolic Panel (BMP)", kind="lab", group=1, items=items)
     assert render_result(exam) == (
         "Anion Gap: Value: 16; Numeric Value: 16.0; Units: mEq/L; Reference Range: 8.0 - 20.0\n"
@@ -51,10 +54,16 @@ def test_prompt_matches_the_reference_client_construction():
         "Sex: F\nService: OBSTETRICS/GYNECOLOGY\nChief Complaint: right lower quadrant pain\n\n"
         "Final Diagnosis:\nAppendicitis\n" + EXAMS_HEADER
     )
-    past = [("Anion Gap", "Value: 16; Numeric Value: 16.0; Units: mEq/L; Reference Range: 8.0 - 20.0"),
-            ("PE: Vital Signs", "Heart Rate: 90 bpm")]
-    reference = (context + "<SEP>".join(f"Exam name:\n{n}\nExam results:\n{r}" for n, r in past) + "<SEP>"
-                 + "Exam name:\nCHEST (PORTABLE AP)\nExam results:\n")
+    past = [
+        ("Anion Gap", "Value: 16; Numeric Value: 16.0; Units: mEq/L; Reference Range: 8.0 - 20.0"),
+        ("PE: Vital Signs", "Heart Rate: 90 bpm"),
+    ]
+    reference = (
+        context
+        + "<SEP>".join(f"Exam name:\n{n}\nExam results:\n{r}" for n, r in past)
+        + "<SEP>"
+        + "Exam name:\nCHEST (PORTABLE AP)\nExam results:\n"
+    )
     assert render_prompt(context, past, "CHEST (PORTABLE AP)") == reference
     assert render_prompt(context, [], "X") == context + "Exam name:\nX\nExam results:\n"
 
@@ -169,9 +178,15 @@ def test_group_shuffle_keeps_groups_in_order_and_is_seeded(demo_result):
 
 def _toy_case() -> Case:
     return Case(
-        case_id="t:1", source="test", subject_key="p", profile=Profile(sex="M"), final_diagnosis="Sepsis",
-        exams=[Exam(name="PE: Vital Signs", kind="physical", group=0, result="HR 120"),
-               Exam(name="Anion Gap", kind="lab", group=1, items=[ANION_GAP])],
+        case_id="t:1",
+        source="test",
+        subject_key="p",
+        profile=Profile(sex="M"),
+        final_diagnosis="Sepsis",
+        exams=[
+            Exam(name="PE: Vital Signs", kind="physical", group=0, result="HR 120"),
+            Exam(name="Anion Gap", kind="lab", group=1, items=[ANION_GAP]),
+        ],
     )
 
 

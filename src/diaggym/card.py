@@ -34,8 +34,12 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def _stats(values: list[int]) -> dict:
     if not values:
         return {"mean": 0.0, "median": 0.0, "min": 0, "max": 0}
-    return {"mean": round(statistics.fmean(values), 3), "median": float(statistics.median(values)),
-            "min": min(values), "max": max(values)}
+    return {
+        "mean": round(statistics.fmean(values), 3),
+        "median": float(statistics.median(values)),
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def check_counts(steps: list[dict]) -> None:
@@ -44,8 +48,9 @@ def check_counts(steps: list[dict]) -> None:
             raise AssertionError(f"card step {s['step']!r} does not add up: {s}")
 
 
-def build_card(result: SourceResult, cases: list[Case], cases_file: Path, input_root: Path,
-               params: dict, top_n: int = 25) -> dict:
+def build_card(
+    result: SourceResult, cases: list[Case], cases_file: Path, input_root: Path, params: dict, top_n: int = 25
+) -> dict:
     """Assemble the card dictionary (no I/O except hashing the inputs and ``cases_file``)."""
     kinds = sorted({e.kind for c in cases for e in c.exams})
     per_kind = {k: _stats([sum(1 for e in c.exams if e.kind == k) for c in cases]) for k in kinds}
@@ -55,8 +60,13 @@ def build_card(result: SourceResult, cases: list[Case], cases_file: Path, input_
         for e in c.exams:
             exam_counts[e.name] += 1
             exam_kind.setdefault(e.name, e.kind)
-    splits = {s: {"cases": sum(1 for c in cases if c.split == s),
-                  "subjects": len({c.subject_key for c in cases if c.split == s})} for s in SPLITS}
+    splits = {
+        s: {
+            "cases": sum(1 for c in cases if c.split == s),
+            "subjects": len({c.subject_key for c in cases if c.split == s}),
+        }
+        for s in SPLITS
+    }
     inputs = []
     for p in result.inputs:
         try:
@@ -106,13 +116,20 @@ def plot_exams_per_case(cases: list[Case], path: Path) -> None:
 
 
 def render_markdown(card: dict, plot_name: str | None) -> str:
-    lines = [f"# Dataset card — {card['source']}", "",
-             f"Schema `{card['schema']}`, format `{card['format']}`, DiagGym {card['diaggym_version']}. "
-             f"Dataset hash `{card['dataset_hash'][:16]}…`.", "",
-             f"**{card['cases']} cases** from {card['subjects']} patients, {card['exams']} exams "
-             f"({card['exams_per_case']['mean']} per case, median {card['exams_per_case']['median']}).", "",
-             "## Filter steps (input = kept + each exclusion)", "",
-             "| step | unit | input | kept | dropped (reason: count) |", "|---|---|---:|---:|---|"]
+    lines = [
+        f"# Dataset card — {card['source']}",
+        "",
+        f"Schema `{card['schema']}`, format `{card['format']}`, DiagGym {card['diaggym_version']}. "
+        f"Dataset hash `{card['dataset_hash'][:16]}…`.",
+        "",
+        f"**{card['cases']} cases** from {card['subjects']} patients, {card['exams']} exams "
+        f"({card['exams_per_case']['mean']} per case, median {card['exams_per_case']['median']}).",
+        "",
+        "## Filter steps (input = kept + each exclusion)",
+        "",
+        "| step | unit | input | kept | dropped (reason: count) |",
+        "|---|---|---:|---:|---|",
+    ]
     for s in card["filter_steps"]:
         dropped = "; ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "—"
         lines.append(f"| {s['step']} | {s['unit']} | {s['input']} | {s['kept']} | {dropped} |")
@@ -124,8 +141,13 @@ def render_markdown(card: dict, plot_name: str | None) -> str:
         lines.append(f"| {k} | {v['mean']} | {v['median']} | {v['min']} | {v['max']} |")
     if plot_name:
         lines += ["", f"![exams per case]({plot_name})"]
-    lines += ["", f"## Top exams ({card['distinct_exam_names']} distinct names)", "",
-              "| exam | kind | cases |", "|---|---|---:|"]
+    lines += [
+        "",
+        f"## Top exams ({card['distinct_exam_names']} distinct names)",
+        "",
+        "| exam | kind | cases |",
+        "|---|---|---:|",
+    ]
     lines += [f"| {e['name']} | {e['kind']} | {e['cases']} |" for e in card["top_exams"]]
     lines += ["", "## Inputs", "", "| file | bytes | sha256 |", "|---|---:|---|"]
     lines += [f"| {i['path']} | {i['bytes']} | `{i['sha256']}` |" for i in card["inputs"]]
@@ -142,9 +164,11 @@ def write_card(card: dict, cases: list[Case], out: Path) -> None:
 def summary_lines(card: dict) -> list[str]:
     """A short text summary for the terminal."""
     s = card["splits"]
-    out = [f"{card['cases']} cases, {card['subjects']} patients, {card['exams']} exams "
-           f"(mean {card['exams_per_case']['mean']} per case); splits: "
-           + ", ".join(f"{k} {v['cases']}" for k, v in s.items())]
+    out = [
+        f"{card['cases']} cases, {card['subjects']} patients, {card['exams']} exams "
+        f"(mean {card['exams_per_case']['mean']} per case); splits: "
+        + ", ".join(f"{k} {v['cases']}" for k, v in s.items())
+    ]
     for st in card["filter_steps"]:
         dropped = ", ".join(f"{k} {v}" for k, v in st["dropped"].items()) or "none dropped"
         out.append(f"  {st['step']}: {st['input']} {st['unit']}s → {st['kept']} kept ({dropped})")

@@ -42,16 +42,18 @@ def _main(version: Annotated[bool, typer.Option("--version", help="Print the ver
 @app.command()
 def preprocess(
     source: Annotated[str, typer.Option(help="Where the records come from: 'mimic-iv' or 'agentclinic'.")],
-    input: Annotated[Path, typer.Option("--input", help="MIMIC-IV layout folder (hosp/, ed/, optional note/), "
-                                        "or an AgentClinic JSONL file.")],
+    input: Annotated[
+        Path,
+        typer.Option(
+            "--input", help="MIMIC-IV layout folder (hosp/, ed/, optional note/), or an AgentClinic JSONL file."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Output folder: cases.jsonl, card.json, card.md, plot.")],
     splits: Annotated[str, typer.Option(help="train,val,test ratios (by patient).")] = "0.8,0.1,0.1",
     salt: Annotated[str, typer.Option(help="Salt for the patient hash that picks the split.")] = "",
     parquet: Annotated[bool, typer.Option(help="Also write cases.parquet.")] = False,
-    mapping: Annotated[Path | None, typer.Option(help="MIMIC-CDM mappings.json (default: the bundled copy).")]
-    = None,
-    window_hours: Annotated[float, typer.Option(help="Keep exams charted this many hours before admission.")]
-    = 24.0,
+    mapping: Annotated[Path | None, typer.Option(help="MIMIC-CDM mappings.json (default: the bundled copy).")] = None,
+    window_hours: Annotated[float, typer.Option(help="Keep exams charted this many hours before admission.")] = 24.0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Turn EHR records into versioned cases, a patient-level split and a dataset card."""
@@ -64,8 +66,17 @@ def preprocess(
     except ValueError as err:
         _fail(err)
     try:
-        card = run(source, input, out, ratios=ratios, salt=salt, parquet=parquet, mapping=mapping,
-                   window_hours=window_hours, progress=progress and sys.stderr.isatty())
+        card = run(
+            source,
+            input,
+            out,
+            ratios=ratios,
+            salt=salt,
+            parquet=parquet,
+            mapping=mapping,
+            window_hours=window_hours,
+            progress=progress and sys.stderr.isatty(),
+        )
     except InputError as err:
         _fail(err)
     for line in summary_lines(card):
@@ -74,8 +85,9 @@ def preprocess(
 
 
 @app.command()
-def validate(path: Annotated[Path, typer.Argument(help="cases.jsonl, cases.parquet or a preprocess output folder.")]
-             ) -> None:
+def validate(
+    path: Annotated[Path, typer.Argument(help="cases.jsonl, cases.parquet or a preprocess output folder.")],
+) -> None:
     """Check every case against the schema and the diaggym-v1 round trip."""
     from diaggym.cases import load_cases
     from diaggym.serialization import parse_result, render_result
@@ -88,7 +100,8 @@ def validate(path: Annotated[Path, typer.Argument(help="cases.jsonl, cases.parqu
     for c in cases:
         for e in c.exams:
             if e.items is not None and parse_result(render_result(e), e.name).items != [
-                    it.model_copy(update={"flag": None}) for it in e.items]:
+                it.model_copy(update={"flag": None}) for it in e.items
+            ]:
                 bad += 1
                 console.print(f"round trip differs: {c.case_id} / {e.name}")
     typer.echo(f"{len(cases)} cases valid; {bad} lab exams failed the round trip")
@@ -99,8 +112,9 @@ def validate(path: Annotated[Path, typer.Argument(help="cases.jsonl, cases.parqu
 def show(
     path: Annotated[Path, typer.Argument(help="cases.jsonl or a preprocess output folder.")],
     case_id: Annotated[str | None, typer.Option(help="Case to show (default: the first).")] = None,
-    step: Annotated[int | None, typer.Option(help="Print the prompt of this step instead of the training text.")]
-    = None,
+    step: Annotated[
+        int | None, typer.Option(help="Print the prompt of this step instead of the training text.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the case as JSON.")] = False,
 ) -> None:
     """Print a case as the world model sees it (diaggym-v1 text)."""

@@ -22,8 +22,9 @@ from diaggym.splits import DEFAULT_RATIOS, assign_splits
 SOURCES = ("mimic-iv", "agentclinic")
 
 
-def run_source(source: str, input_path: Path, mapping: Path | None = None, window_hours: float = 24.0,
-               progress: bool = False) -> SourceResult:
+def run_source(
+    source: str, input_path: Path, mapping: Path | None = None, window_hours: float = 24.0, progress: bool = False
+) -> SourceResult:
     if source == "mimic-iv":
         from diaggym.sources.mimic_iv import build_mimic_iv_cases
 
@@ -35,9 +36,17 @@ def run_source(source: str, input_path: Path, mapping: Path | None = None, windo
     raise InputError(f"unknown source {source!r}; choose one of: {', '.join(SOURCES)}")
 
 
-def preprocess(source: str, input_path: str | Path, out: str | Path,
-               ratios: tuple[float, float, float] = DEFAULT_RATIOS, salt: str = "", parquet: bool = False,
-               mapping: str | Path | None = None, window_hours: float = 24.0, progress: bool = False) -> dict:
+def preprocess(
+    source: str,
+    input_path: str | Path,
+    out: str | Path,
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS,
+    salt: str = "",
+    parquet: bool = False,
+    mapping: str | Path | None = None,
+    window_hours: float = 24.0,
+    progress: bool = False,
+) -> dict:
     """Build, split and write cases; returns the dataset card."""
     input_path, out = Path(input_path), Path(out)
     result = run_source(source, input_path, Path(mapping) if mapping else None, window_hours, progress)
@@ -45,8 +54,14 @@ def preprocess(source: str, input_path: str | Path, out: str | Path,
         raise InputError("no case survived the filters (see the counts above); nothing written", input_path)
     cases = assign_splits(result.cases, ratios, salt)
     cases.sort(key=lambda c: c.case_id)
-    params = {"source": source, "input": str(input_path), "ratios": list(ratios), "salt": salt,
-              "window_hours": window_hours, "mapping": str(mapping) if mapping else "bundled"}
+    params = {
+        "source": source,
+        "input": str(input_path),
+        "ratios": list(ratios),
+        "salt": salt,
+        "window_hours": window_hours,
+        "mapping": str(mapping) if mapping else "bundled",
+    }
     with atomic_dir(out) as tmp:
         write_jsonl(cases, tmp / "cases.jsonl")
         if parquet:

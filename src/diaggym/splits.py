@@ -42,8 +42,9 @@ def split_of(subject_key: str, ratios: tuple[float, float, float] = DEFAULT_RATI
     return "test"
 
 
-def assign_splits(cases: Iterable[Case], ratios: tuple[float, float, float] = DEFAULT_RATIOS,
-                  salt: str = "") -> list[Case]:
+def assign_splits(
+    cases: Iterable[Case], ratios: tuple[float, float, float] = DEFAULT_RATIOS, salt: str = ""
+) -> list[Case]:
     """Set ``split`` on every case (in place) and return them."""
     out = []
     for c in cases:

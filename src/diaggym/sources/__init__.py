@@ -29,8 +29,13 @@ class FilterStep:
         return self.input - sum(self.dropped.values())
 
     def to_dict(self) -> dict:
-        return {"step": self.name, "unit": self.unit, "input": self.input, "kept": self.kept,
-                "dropped": dict(sorted(self.dropped.items()))}
+        return {
+            "step": self.name,
+            "unit": self.unit,
+            "input": self.input,
+            "kept": self.kept,
+            "dropped": dict(sorted(self.dropped.items())),
+        }
 
 
 @dataclass

@@ -122,8 +122,9 @@ def parse_discharge_note(text: str) -> dict[str, str | None]:
 class MimicIVBuilder:
     """Reads one MIMIC-IV-layout folder and builds cases; see the module docstring for the rules."""
 
-    def __init__(self, root: str | Path, mapping: str | Path | None = None, window_hours: float = 24.0,
-                 progress: bool = False) -> None:
+    def __init__(
+        self, root: str | Path, mapping: str | Path | None = None, window_hours: float = 24.0, progress: bool = False
+    ) -> None:
         self.root = Path(root)
         self.window = timedelta(hours=window_hours)
         self.progress = progress
@@ -138,8 +139,7 @@ class MimicIVBuilder:
             raise InputError("input folder is empty (expected hosp/ and ed/ with gzip CSV tables)", self.root)
         for sub in ("hosp", "ed"):
             if not (self.root / sub).is_dir():
-                raise InputError(f"missing folder {sub}/ (expected a MIMIC-IV layout with hosp/ and ed/)",
-                                 self.root)
+                raise InputError(f"missing folder {sub}/ (expected a MIMIC-IV layout with hosp/ and ed/)", self.root)
 
     # -- table access
     def _path(self, module: str, name: str, required: bool = True) -> Path | None:
@@ -155,53 +155,91 @@ class MimicIVBuilder:
 
     # -- main
     def build(self) -> SourceResult:
-        adm, n_adm = self._read("hosp", "admissions", TableSpec(ints=("subject_id", "hadm_id"),
-                                                                 datetimes=("admittime",)))
+        adm, n_adm = self._read(
+            "hosp", "admissions", TableSpec(ints=("subject_id", "hadm_id"), datetimes=("admittime",))
+        )
         if n_adm == 0:
             raise InputError("admissions table has no rows", self.root / "hosp")
         adm = adm.filter(pl.col("admittime").is_not_null()).unique("hadm_id", keep="first")
         windows = adm.select(
-            "subject_id", pl.col("hadm_id").alias("case_hadm"), "admittime",
-            (pl.col("admittime") - pl.duration(microseconds=int(self.window.total_seconds() * 1e6)))
-            .alias("win_start"),
+            "subject_id",
+            pl.col("hadm_id").alias("case_hadm"),
+            "admittime",
+            (pl.col("admittime") - pl.duration(microseconds=int(self.window.total_seconds() * 1e6))).alias("win_start"),
         )
         subjects = set(adm["subject_id"].to_list())
         hadms = adm["hadm_id"].to_list()
         hadm_set = set(hadms)
 
-        patients, _ = self._read("hosp", "patients", TableSpec(ints=("subject_id", "anchor_age", "anchor_year"),
-                                                              strings=("gender",)),
-                                 keep=lambda d: d.filter(pl.col("subject_id").is_in(list(subjects))))
-        services, _ = self._read("hosp", "services", TableSpec(ints=("hadm_id",), datetimes=("transfertime",),
-                                                              strings=("curr_service",)),
-                                 keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)))
-        diagnoses, _ = self._read("hosp", "diagnoses_icd", TableSpec(ints=("hadm_id", "seq_num", "icd_version"),
-                                                                    strings=("icd_code",)),
-                                  keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)))
+        patients, _ = self._read(
+            "hosp",
+            "patients",
+            TableSpec(ints=("subject_id", "anchor_age", "anchor_year"), strings=("gender",)),
+            keep=lambda d: d.filter(pl.col("subject_id").is_in(list(subjects))),
+        )
+        services, _ = self._read(
+            "hosp",
+            "services",
+            TableSpec(ints=("hadm_id",), datetimes=("transfertime",), strings=("curr_service",)),
+            keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)),
+        )
+        diagnoses, _ = self._read(
+            "hosp",
+            "diagnoses_icd",
+            TableSpec(ints=("hadm_id", "seq_num", "icd_version"), strings=("icd_code",)),
+            keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)),
+        )
         codes = diagnoses.select("icd_code", "icd_version").unique()
-        d_icd, _ = self._read("hosp", "d_icd_diagnoses", TableSpec(ints=("icd_version",),
-                                                                  strings=("icd_code", "long_title")),
-                              keep=lambda d: d.join(codes, on=["icd_code", "icd_version"], how="semi"))
+        d_icd, _ = self._read(
+            "hosp",
+            "d_icd_diagnoses",
+            TableSpec(ints=("icd_version",), strings=("icd_code", "long_title")),
+            keep=lambda d: d.join(codes, on=["icd_code", "icd_version"], how="semi"),
+        )
         d_lab, _ = self._read("hosp", "d_labitems", TableSpec(ints=("itemid",), strings=("label", "fluid")))
 
-        edstays, _ = self._read("ed", "edstays", TableSpec(ints=("subject_id", "hadm_id", "stay_id"),
-                                                          datetimes=("intime",)),
-                                keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)))
+        edstays, _ = self._read(
+            "ed",
+            "edstays",
+            TableSpec(ints=("subject_id", "hadm_id", "stay_id"), datetimes=("intime",)),
+            keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)),
+        )
         stays = edstays["stay_id"].to_list()
         vit_cols = tuple(c for c, _, _ in VITALS)
-        triage, _ = self._read("ed", "triage", TableSpec(ints=("stay_id",), strings=(*vit_cols, "chiefcomplaint")),
-                               keep=lambda d: d.filter(pl.col("stay_id").is_in(stays)))
-        vitalsign, _ = self._read("ed", "vitalsign", TableSpec(ints=("stay_id",), datetimes=("charttime",),
-                                                              strings=(*vit_cols, "rhythm")),
-                                  keep=lambda d: d.filter(pl.col("stay_id").is_in(stays)))
+        triage, _ = self._read(
+            "ed",
+            "triage",
+            TableSpec(ints=("stay_id",), strings=(*vit_cols, "chiefcomplaint")),
+            keep=lambda d: d.filter(pl.col("stay_id").is_in(stays)),
+        )
+        vitalsign, _ = self._read(
+            "ed",
+            "vitalsign",
+            TableSpec(ints=("stay_id",), datetimes=("charttime",), strings=(*vit_cols, "rhythm")),
+            keep=lambda d: d.filter(pl.col("stay_id").is_in(stays)),
+        )
 
         labs = self._labs(windows)
         micro = self._micro(windows)
         notes = self._notes(hadms)
         radiology = self._radiology(windows)
 
-        return self._assemble(adm, patients, services, diagnoses, d_icd, d_lab, edstays, triage, vitalsign,
-                              labs, micro, notes, radiology, hadm_set)
+        return self._assemble(
+            adm,
+            patients,
+            services,
+            diagnoses,
+            d_icd,
+            d_lab,
+            edstays,
+            triage,
+            vitalsign,
+            labs,
+            micro,
+            notes,
+            radiology,
+            hadm_set,
+        )
 
     # -- time-window matching shared by labs, microbiology and radiology
     def _window_keep(self, key: str, time_col: str, stats: Counter, windows: pl.DataFrame):
@@ -211,10 +249,12 @@ class MimicIVBuilder:
             in_time = j.filter((t >= pl.col("win_start")) & (t <= pl.col("admittime")))
             n_in_time = in_time[key].n_unique()
             ok = in_time.filter(pl.col("hadm_id").is_null() | (pl.col("hadm_id") == pl.col("case_hadm")))
-            ok = (ok.with_columns((pl.col("hadm_id") == pl.col("case_hadm")).fill_null(False).alias("_named"))
-                  .sort([key, "_named", "admittime"], descending=[False, True, False])
-                  .unique(subset=[key], keep="first", maintain_order=True)
-                  .drop("_named"))
+            ok = (
+                ok.with_columns((pl.col("hadm_id") == pl.col("case_hadm")).fill_null(False).alias("_named"))
+                .sort([key, "_named", "admittime"], descending=[False, True, False])
+                .unique(subset=[key], keep="first", maintain_order=True)
+                .drop("_named")
+            )
             stats["read"] += df.height
             stats["not charted in the 24 h before any admission"] += df.height - n_in_time
             stats["charted to another admission"] += n_in_time - ok[key].n_unique()
@@ -224,19 +264,34 @@ class MimicIVBuilder:
 
     def _labs(self, windows: pl.DataFrame) -> pl.DataFrame:
         self.lab_stats: Counter = Counter()
-        spec = TableSpec(ints=("labevent_id", "subject_id", "hadm_id", "specimen_id", "itemid"),
-                         floats=("valuenum", "ref_range_lower", "ref_range_upper"), datetimes=("charttime",),
-                         strings=("value", "valueuom", "flag", "comments"))
-        df, _ = self._read("hosp", "labevents", spec,
-                           keep=self._window_keep("labevent_id", "charttime", self.lab_stats, windows))
+        spec = TableSpec(
+            ints=("labevent_id", "subject_id", "hadm_id", "specimen_id", "itemid"),
+            floats=("valuenum", "ref_range_lower", "ref_range_upper"),
+            datetimes=("charttime",),
+            strings=("value", "valueuom", "flag", "comments"),
+        )
+        df, _ = self._read(
+            "hosp", "labevents", spec, keep=self._window_keep("labevent_id", "charttime", self.lab_stats, windows)
+        )
         return df
 
     def _micro(self, windows: pl.DataFrame) -> pl.DataFrame:
         self.micro_stats: Counter = Counter()
-        spec = TableSpec(ints=("microevent_id", "subject_id", "hadm_id", "micro_specimen_id", "isolate_num"),
-                         datetimes=("chartdate", "charttime"),
-                         strings=("spec_type_desc", "test_name", "org_name", "quantity", "ab_name",
-                                  "dilution_comparison", "dilution_value", "interpretation", "comments"))
+        spec = TableSpec(
+            ints=("microevent_id", "subject_id", "hadm_id", "micro_specimen_id", "isolate_num"),
+            datetimes=("chartdate", "charttime"),
+            strings=(
+                "spec_type_desc",
+                "test_name",
+                "org_name",
+                "quantity",
+                "ab_name",
+                "dilution_comparison",
+                "dilution_value",
+                "interpretation",
+                "comments",
+            ),
+        )
         inner = self._window_keep("microevent_id", "_time", self.micro_stats, windows)
 
         def keep(d: pl.DataFrame) -> pl.DataFrame:
@@ -249,8 +304,12 @@ class MimicIVBuilder:
         path = self._path("note", "discharge", required=False) if (self.root / "note").is_dir() else None
         if path is None:
             return {}
-        df, _ = scan_table(path, TableSpec(ints=("hadm_id",), strings=("text",)),
-                           keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)), progress=self.progress)
+        df, _ = scan_table(
+            path,
+            TableSpec(ints=("hadm_id",), strings=("text",)),
+            keep=lambda d: d.filter(pl.col("hadm_id").is_in(hadms)),
+            progress=self.progress,
+        )
         return {h: parse_discharge_note(t or "") for h, t in df.unique("hadm_id", keep="first").iter_rows()}
 
     def _radiology(self, windows: pl.DataFrame) -> pl.DataFrame | None:
@@ -260,24 +319,43 @@ class MimicIVBuilder:
         if path is None:
             return None
         self.rad_stats: Counter = Counter()
-        df, _ = scan_table(path, TableSpec(ints=("subject_id", "hadm_id"), datetimes=("charttime",),
-                                           strings=("note_id", "text")),
-                           keep=self._window_keep("note_id", "charttime", self.rad_stats, windows),
-                           progress=self.progress)
+        df, _ = scan_table(
+            path,
+            TableSpec(ints=("subject_id", "hadm_id"), datetimes=("charttime",), strings=("note_id", "text")),
+            keep=self._window_keep("note_id", "charttime", self.rad_stats, windows),
+            progress=self.progress,
+        )
         detail = self._path("note", "radiology_detail", required=False)
         names: dict[str, str] = {}
         if detail is not None:
             ids = df["note_id"].to_list()
-            det, _ = scan_table(detail, TableSpec(strings=("note_id", "field_name", "field_value")),
-                                keep=lambda d: d.filter(pl.col("note_id").is_in(ids)
-                                                        & (pl.col("field_name") == "exam_name")),
-                                progress=self.progress)
+            det, _ = scan_table(
+                detail,
+                TableSpec(strings=("note_id", "field_name", "field_value")),
+                keep=lambda d: d.filter(pl.col("note_id").is_in(ids) & (pl.col("field_name") == "exam_name")),
+                progress=self.progress,
+            )
             names = dict(det.select("note_id", "field_value").unique("note_id", keep="first").iter_rows())
         return df.with_columns(pl.col("note_id").replace_strict(names, default=None).alias("exam_name"))
 
     # -- per-case assembly
-    def _assemble(self, adm, patients, services, diagnoses, d_icd, d_lab, edstays, triage, vitalsign,
-                  labs, micro, notes, radiology, hadm_set) -> SourceResult:
+    def _assemble(
+        self,
+        adm,
+        patients,
+        services,
+        diagnoses,
+        d_icd,
+        d_lab,
+        edstays,
+        triage,
+        vitalsign,
+        labs,
+        micro,
+        notes,
+        radiology,
+        hadm_set,
+    ) -> SourceResult:
         log = self.log
         pat = {r["subject_id"]: r for r in patients.iter_rows(named=True)}
         service: dict[int, str] = {}
@@ -285,8 +363,9 @@ class MimicIVBuilder:
             service.setdefault(h, s)
         titles = {(c, v): t for v, c, t in d_icd.select("icd_version", "icd_code", "long_title").iter_rows()}
         dx: dict[int, list[str]] = defaultdict(list)
-        for h, _, v, c in diagnoses.sort(["hadm_id", "seq_num"]).select(
-                "hadm_id", "seq_num", "icd_version", "icd_code").iter_rows():
+        for h, _, v, c in (
+            diagnoses.sort(["hadm_id", "seq_num"]).select("hadm_id", "seq_num", "icd_version", "icd_code").iter_rows()
+        ):
             dx[h].append(_one_line(titles.get((c, v))) or f"ICD-{v} {c}")
         labinfo = {i: (lab, fl) for i, lab, fl in d_lab.select("itemid", "label", "fluid").iter_rows()}
 
@@ -312,8 +391,11 @@ class MimicIVBuilder:
         for a in tqdm(rows_adm, total=adm.height, desc="cases", disable=not self.progress, leave=False):
             h = a["hadm_id"]
             note = notes.get(h, {})
-            exams_by_kind = {"lab": lab_rows.get(h, []), "microbiology": micro_rows.get(h, []),
-                             "radiology": rad_rows.get(h, [])}
+            exams_by_kind = {
+                "lab": lab_rows.get(h, []),
+                "microbiology": micro_rows.get(h, []),
+                "radiology": rad_rows.get(h, []),
+            }
             n_candidate = {k: len(v) for k, v in exams_by_kind.items()}
             nrows = {k: sum(e[3] for e in v) for k, v in exams_by_kind.items()}
 
@@ -347,15 +429,17 @@ class MimicIVBuilder:
                 service=_one_line(service.get(h)),
                 chief_complaint=_one_line(triage_row.get("chiefcomplaint")),
             )
-            history = _norm(" ".join(x for x in (profile.note, profile.chief_complaint,
-                                                  profile.history_of_present_illness) if x))
+            history = _norm(
+                " ".join(x for x in (profile.note, profile.chief_complaint, profile.history_of_present_illness) if x)
+            )
             primary = _norm(diagnosis.split("\n", 1)[0])
             if len(primary) >= 4 and primary in history:
                 drop("diagnosis stated in the history")
                 continue
 
-            timed = sorted((e for v in exams_by_kind.values() for e in v),
-                           key=lambda e: (e[0], KIND_ORDER[e[1].kind], e[1].name))
+            timed = sorted(
+                (e for v in exams_by_kind.values() for e in v), key=lambda e: (e[0], KIND_ORDER[e[1].kind], e[1].name)
+            )
             seen = {x.name for x in pe}
             exams = list(pe)
             times: dict[datetime, int] = {}
@@ -370,19 +454,30 @@ class MimicIVBuilder:
                 exams.append(ex)
                 row_used[kind] += n_rows
                 exam_stats["kept"] += 1
-            cases.append(Case(case_id=f"{SOURCE}:{h}", source=SOURCE, subject_key=f"{SOURCE}:{a['subject_id']}",
-                              profile=profile, final_diagnosis=diagnosis, exams=exams))
+            cases.append(
+                Case(
+                    case_id=f"{SOURCE}:{h}",
+                    source=SOURCE,
+                    subject_key=f"{SOURCE}:{a['subject_id']}",
+                    profile=profile,
+                    final_diagnosis=diagnosis,
+                    exams=exams,
+                )
+            )
 
         log.add("admissions → cases", "case", len(hadm_set), case_drop)
         self._row_steps(row_used, row_drop)
         n_exams = exam_stats.pop("kept", 0)
-        log.add("timed exams (lab panels, cultures, reports) → kept", "exam",
-                n_exams + sum(exam_stats.values()), exam_stats)
+        log.add(
+            "timed exams (lab panels, cultures, reports) → kept", "exam", n_exams + sum(exam_stats.values()), exam_stats
+        )
         return SourceResult(cases=cases, inputs=sorted(set(self.inputs)), log=log, source=SOURCE)
 
     def _row_steps(self, used: Counter, dropped: Counter) -> None:
-        tables = [("lab", "labevents rows", self.lab_stats, self.lab_row_drop),
-                  ("microbiology", "microbiologyevents rows", self.micro_stats, self.micro_row_drop)]
+        tables = [
+            ("lab", "labevents rows", self.lab_stats, self.lab_row_drop),
+            ("microbiology", "microbiologyevents rows", self.micro_stats, self.micro_row_drop),
+        ]
         if getattr(self, "rad_stats", None) is not None:
             tables.append(("radiology", "radiology note rows", self.rad_stats, Counter()))
         for kind, name, window_stats, build_drop in tables:
@@ -402,8 +497,19 @@ class MimicIVBuilder:
         self.lab_row_drop: Counter = Counter()
         out: dict[int, list] = defaultdict(list)
         labs = labs.sort(["case_hadm", "specimen_id", "charttime", "labevent_id"])
-        cols = ["case_hadm", "specimen_id", "charttime", "itemid", "value", "valuenum", "valueuom",
-                "ref_range_lower", "ref_range_upper", "flag", "comments"]
+        cols = [
+            "case_hadm",
+            "specimen_id",
+            "charttime",
+            "itemid",
+            "value",
+            "valuenum",
+            "valueuom",
+            "ref_range_lower",
+            "ref_range_upper",
+            "flag",
+            "comments",
+        ]
         specimen: list[tuple] = []
 
         def flush() -> None:
@@ -424,8 +530,15 @@ class MimicIVBuilder:
                     self.lab_row_drop["no value, numeric value or comment"] += 1
                     continue
                 by_item[itemid] = LabItem(
-                    name=_item_name(labinfo[itemid][0]), value=value, valuenum=r[5], unit=_item_field(r[6]),
-                    ref_low=r[7], ref_high=r[8], flag=_item_field(r[9]), comment=comment)
+                    name=_item_name(labinfo[itemid][0]),
+                    value=value,
+                    valuenum=r[5],
+                    unit=_item_field(r[6]),
+                    ref_low=r[7],
+                    ref_high=r[8],
+                    flag=_item_field(r[9]),
+                    comment=comment,
+                )
             for panel, ids in self.catalog.cover(by_item):
                 items = [by_item[i] for i in ids]
                 if panel:
@@ -451,16 +564,20 @@ class MimicIVBuilder:
         """Per admission: one free-text exam per (specimen, test)."""
         self.micro_row_drop: Counter = Counter()
         out: dict[int, list] = defaultdict(list)
-        micro = micro.sort(["case_hadm", "micro_specimen_id", "test_name", "isolate_num", "ab_name"],
-                           nulls_last=True)
-        for (h, _, test), g in micro.group_by(["case_hadm", "micro_specimen_id", "test_name"],
-                                              maintain_order=True):
+        micro = micro.sort(["case_hadm", "micro_specimen_id", "test_name", "isolate_num", "ab_name"], nulls_last=True)
+        for (h, _, test), g in micro.group_by(["case_hadm", "micro_specimen_id", "test_name"], maintain_order=True):
             name = _one_line(test)
             if name is None:
                 self.micro_row_drop["no test name"] += g.height
                 continue
-            out[h].append((g["_time"].min(), Exam(name=name, kind="microbiology", group=1,
-                                                  result=micro_result(g)), "microbiology", g.height))
+            out[h].append(
+                (
+                    g["_time"].min(),
+                    Exam(name=name, kind="microbiology", group=1, result=micro_result(g)),
+                    "microbiology",
+                    g.height,
+                )
+            )
         return out
 
     def _radiology_exams(self, rad: pl.DataFrame | None) -> dict[int, list]:
@@ -472,8 +589,9 @@ class MimicIVBuilder:
             if text is None:
                 continue
             name = _one_line(r["exam_name"]) or "Radiology Report"
-            out[r["case_hadm"]].append((r["charttime"], Exam(name=name, kind="radiology", group=1, result=text),
-                                        "radiology", 1))
+            out[r["case_hadm"]].append(
+                (r["charttime"], Exam(name=name, kind="radiology", group=1, result=text), "radiology", 1)
+            )
         return out
 
     @staticmethod
@@ -491,8 +609,7 @@ class MimicIVBuilder:
             if lines:
                 exams.append(Exam(name="PE: Vital Signs", kind="physical", group=0, result="\n".join(lines)))
         if note.get("physical_exam"):
-            exams.append(Exam(name="PE: Physical Examination", kind="physical", group=0,
-                              result=note["physical_exam"]))
+            exams.append(Exam(name="PE: Physical Examination", kind="physical", group=0, result=note["physical_exam"]))
         return exams
 
 
@@ -505,9 +622,12 @@ def micro_result(g: pl.DataFrame) -> str:
     orgs = g.filter(pl.col("org_name").is_not_null())
     for (org, qty), og in orgs.group_by(["org_name", "quantity"], maintain_order=True):
         lines.append(f"Organism: {_one_line(org)}" + (f" ({_one_line(qty)})" if _one_line(qty) else ""))
-        for ab, interp, comp, dil in og.filter(pl.col("ab_name").is_not_null()).select(
-                "ab_name", "interpretation", "dilution_comparison", "dilution_value").unique(
-                maintain_order=True).iter_rows():
+        for ab, interp, comp, dil in (
+            og.filter(pl.col("ab_name").is_not_null())
+            .select("ab_name", "interpretation", "dilution_comparison", "dilution_value")
+            .unique(maintain_order=True)
+            .iter_rows()
+        ):
             mic = "".join(x for x in (_one_line(comp), _one_line(dil)) if x)
             detail = " ".join(x for x in (_one_line(interp), f"(MIC {mic})" if mic else None) if x)
             lines.append(f"  {_one_line(ab)}: {detail}".rstrip(": ") if detail else f"  {_one_line(ab)}")
@@ -520,7 +640,8 @@ def micro_result(g: pl.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def build_mimic_iv_cases(input_dir: str | Path, mapping: str | Path | None = None, window_hours: float = 24.0,
-                         progress: bool = False) -> SourceResult:
+def build_mimic_iv_cases(
+    input_dir: str | Path, mapping: str | Path | None = None, window_hours: float = 24.0, progress: bool = False
+) -> SourceResult:
     """Build cases from a MIMIC-IV-layout folder (``hosp/``, ``ed/``, optional ``note/``)."""
     return MimicIVBuilder(input_dir, mapping, window_hours, progress).build()

@@ -207,8 +207,7 @@ def scan_table(
     kept: list[pl.DataFrame] = []
     n_rows = 0
     first = True
-    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, disable=not progress,
-               leave=False)
+    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, desc=path.name, disable=not progress, leave=False)
     try:
         for block in _row_blocks(path, block_bytes, bar):
             if first:
