@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from diaggym import __version__
 from diaggym.errors import InputError
@@ -24,11 +23,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+    typer.echo(f"error: {err}", err=True)  # one unwrapped line, so it can be grepped
     raise typer.Exit(2)
 
 
@@ -103,7 +101,7 @@ def validate(
                 it.model_copy(update={"flag": None}) for it in e.items
             ]:
                 bad += 1
-                console.print(f"round trip differs: {c.case_id} / {e.name}")
+                typer.echo(f"round trip differs: {c.case_id} / {e.name}", err=True)
     typer.echo(f"{len(cases)} cases valid; {bad} lab exams failed the round trip")
     raise typer.Exit(1 if bad else 0)
 
