@@ -194,6 +194,6 @@ def test_render_event_ends_with_sep():
     assert render_event("X", " r \n") == "Exam name:\nX\nExam results:\nr<SEP>"
 
 
-@pytest.mark.parametrize("text", ["Value: 1; Numeric Value: 1.0", "A: Value: x\nB: Units: mg"])
+@pytest.mark.parametrize("text", ["Value: 1; Numeric Value: 1.0", "A: Value: x\nB: Units: mg; Comment: see note"])
 def test_complete_when_all_lines_parse(text):
     assert parse_result(text, "X").complete
