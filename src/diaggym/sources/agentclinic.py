@@ -726,11 +726,49 @@ def _test_exam(name: str, node: _Node) -> Exam:
     return Exam(name=name, kind=kind, group=TEST_GROUP, result=_render_text(node))
 
 
+# Section names that only wrap several tests ("Imaging": {"Chest CT": {...}, "MRI": {...}}): each child
+# that is itself a structured result becomes its own exam, named as a clinician would order it.
+_WRAPPER_WORDS = {
+    "imaging",
+    "tests",
+    "test",
+    "studies",
+    "work",
+    "laboratory",
+    "labs",
+    "lab",
+    "additional",
+    "other",
+    "special",
+    "diagnostic",
+    "blood",
+    "investigations",
+    "results",
+}
+
+
+def _split_wrappers(sections: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for label, content in sections:
+        words = set(_norm(label).split())
+        if (
+            words
+            and words <= _WRAPPER_WORDS
+            and isinstance(content, dict)
+            and len(content) >= 1
+            and all(isinstance(v, dict) and v and _as_analyte(None, v) is None for v in content.values())
+        ):
+            out.extend((_label(k) or label, v) for k, v in content.items())
+        else:
+            out.append((label, content))
+    return out
+
+
 def _build_exams(osce: dict, stats: _ExamStats) -> list[Exam]:
     exams: list[Exam] = []
     used: set[str] = set()
     plan = [(PE_GROUP, s) for s in _sections(_get(osce, "physical examination findings"), "Physical Examination")]
-    plan += [(TEST_GROUP, s) for s in _sections(_get(osce, "test results"), "Test Results")]
+    plan += [(TEST_GROUP, s) for s in _split_wrappers(_sections(_get(osce, "test results"), "Test Results"))]
     for group, (label, content) in plan:
         stats.sections += 1
         node = _tree(label, content)
