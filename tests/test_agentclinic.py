@@ -284,3 +284,21 @@ def test_parse_age_and_sex(text, age, sex):
 )
 def test_classify(name, kind):
     assert classify(name) == kind
+
+
+def test_wrapper_sections_become_the_tests_they_hold(tmp_path):
+    record = {
+        "OSCE_Examination": {
+            "Patient_Actor": {"Demographics": "40-year-old man", "History": "Cough."},
+            "Test_Results": {
+                "Imaging": {"Chest_CT": {"Findings": "No mass."}, "Brain_MRI": {"Findings": "Normal."}},
+                "Blood_Tests": {"Sodium": "135 mEq/L", "Potassium": "4.1 mEq/L"},
+            },
+            "Correct_Diagnosis": "Bronchitis",
+        }
+    }
+    case = build_agentclinic_cases(_write(tmp_path, [record])).cases[0]
+    by_name = {e.name: e for e in case.exams}
+    assert set(by_name) == {"Chest CT", "Brain MRI", "Blood Tests"}
+    assert by_name["Chest CT"].kind == "radiology" and by_name["Chest CT"].result == "Findings: No mass."
+    assert [i.name for i in by_name["Blood Tests"].items] == ["Sodium", "Potassium"]
