@@ -15,7 +15,9 @@ AGENTCLINIC = ROOT / "data" / "agentclinic" / "agentclinic_medqa.jsonl"
 def demo_result():
     from diaggym.sources.mimic_iv import build_mimic_iv_cases
 
-    return build_mimic_iv_cases(DEMO)
+    result = build_mimic_iv_cases(DEMO)
+    result.cases = list(result.cases)  # the source streams; tests look at the cases more than once
+    return result
 
 
 @pytest.fixture(scope="session")

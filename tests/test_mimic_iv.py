@@ -84,10 +84,10 @@ def test_panels_and_ed_labs_without_admission_id(demo_result):
 
 def test_window_rule_is_applied():
     # With a 1-hour window fewer exams survive than with 24 hours, and never more cases.
-    narrow = build_mimic_iv_cases(DEMO, window_hours=1)
-    wide = build_mimic_iv_cases(DEMO, window_hours=24)
-    assert sum(len(c.exams) for c in narrow.cases) < sum(len(c.exams) for c in wide.cases)
-    assert len(narrow.cases) <= len(wide.cases)
+    narrow = list(build_mimic_iv_cases(DEMO, window_hours=1).cases)
+    wide = list(build_mimic_iv_cases(DEMO, window_hours=24).cases)
+    assert sum(len(c.exams) for c in narrow) < sum(len(c.exams) for c in wide)
+    assert len(narrow) <= len(wide)
 
 
 def test_deterministic(demo_result):

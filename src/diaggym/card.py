@@ -48,25 +48,39 @@ def check_counts(steps: list[dict]) -> None:
             raise AssertionError(f"card step {s['step']!r} does not add up: {s}")
 
 
+class CardStats:
+    """Running counts over a stream of cases, so the card never needs them all in memory."""
+
+    def __init__(self) -> None:
+        self.exams_per_case: list[int] = []
+        self.per_kind: dict[str, list[int]] = {}
+        self.exam_counts: Counter = Counter()
+        self.exam_kind: dict[str, str] = {}
+        self.split_cases: Counter = Counter()
+        self.split_subjects: dict[str, set[str]] = {s: set() for s in SPLITS}
+        self.subjects: set[str] = set()
+
+    def add(self, case: Case) -> None:
+        n = len(self.exams_per_case)
+        self.exams_per_case.append(len(case.exams))
+        kinds = Counter(e.kind for e in case.exams)
+        for k in kinds.keys() - self.per_kind.keys():
+            self.per_kind[k] = [0] * n  # earlier cases had none of this kind
+        for k, counts in self.per_kind.items():
+            counts.append(kinds.get(k, 0))
+        for e in case.exams:
+            self.exam_counts[e.name] += 1
+            self.exam_kind.setdefault(e.name, e.kind)
+        if case.split is not None:
+            self.split_cases[case.split] += 1
+            self.split_subjects[case.split].add(case.subject_key)
+        self.subjects.add(case.subject_key)
+
+
 def build_card(
-    result: SourceResult, cases: list[Case], cases_file: Path, input_root: Path, params: dict, top_n: int = 25
+    result: SourceResult, stats: CardStats, cases_file: Path, input_root: Path, params: dict, top_n: int = 25
 ) -> dict:
     """Assemble the card dictionary (no I/O except hashing the inputs and ``cases_file``)."""
-    kinds = sorted({e.kind for c in cases for e in c.exams})
-    per_kind = {k: _stats([sum(1 for e in c.exams if e.kind == k) for c in cases]) for k in kinds}
-    exam_counts: Counter = Counter()
-    exam_kind: dict[str, str] = {}
-    for c in cases:
-        for e in c.exams:
-            exam_counts[e.name] += 1
-            exam_kind.setdefault(e.name, e.kind)
-    splits = {
-        s: {
-            "cases": sum(1 for c in cases if c.split == s),
-            "subjects": len({c.subject_key for c in cases if c.split == s}),
-        }
-        for s in SPLITS
-    }
     inputs = []
     for p in result.inputs:
         try:
@@ -76,6 +90,7 @@ def build_card(
         inputs.append({"path": rel, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
     steps = result.log.to_list()
     check_counts(steps)
+    splits = {s: {"cases": stats.split_cases[s], "subjects": len(stats.split_subjects[s])} for s in SPLITS}
     return {
         "card": CARD_VERSION,
         "schema": SCHEMA,
@@ -85,25 +100,26 @@ def build_card(
         "params": params,
         "inputs": inputs,
         "filter_steps": steps,
-        "cases": len(cases),
-        "subjects": len({c.subject_key for c in cases}),
-        "exams": sum(len(c.exams) for c in cases),
-        "exams_per_case": _stats([len(c.exams) for c in cases]),
-        "exams_per_case_by_kind": per_kind,
-        "distinct_exam_names": len(exam_counts),
-        "top_exams": [{"name": n, "kind": exam_kind[n], "cases": k} for n, k in exam_counts.most_common(top_n)],
+        "cases": len(stats.exams_per_case),
+        "subjects": len(stats.subjects),
+        "exams": sum(stats.exams_per_case),
+        "exams_per_case": _stats(stats.exams_per_case),
+        "exams_per_case_by_kind": {k: _stats(v) for k, v in sorted(stats.per_kind.items())},
+        "distinct_exam_names": len(stats.exam_counts),
+        "top_exams": [
+            {"name": n, "kind": stats.exam_kind[n], "cases": k} for n, k in stats.exam_counts.most_common(top_n)
+        ],
         "splits": splits,
         "dataset_hash": sha256_file(cases_file),
     }
 
 
-def plot_exams_per_case(cases: list[Case], path: Path) -> None:
+def plot_exams_per_case(counts: list[int], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts = [len(c.exams) for c in cases]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     if counts:
         ax.hist(counts, bins=min(40, max(5, len(set(counts)))), color="#3b75af", edgecolor="white")
@@ -154,9 +170,9 @@ def render_markdown(card: dict, plot_name: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(card: dict, cases: list[Case], out: Path) -> None:
+def write_card(card: dict, stats: CardStats, out: Path) -> None:
     plot = "exams_per_case.png"
-    plot_exams_per_case(cases, out / plot)
+    plot_exams_per_case(stats.exams_per_case, out / plot)
     (out / "card.json").write_text(json.dumps(card, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "card.md").write_text(render_markdown(card, plot), encoding="utf-8")
 

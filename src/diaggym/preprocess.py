@@ -10,14 +10,15 @@ so a failed run never leaves a folder that looks valid)::
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from diaggym.atomic import atomic_dir
-from diaggym.card import build_card, write_card
-from diaggym.cases import write_jsonl, write_parquet
+from diaggym.atomic import atomic_dir, atomic_file
+from diaggym.card import CardStats, build_card, write_card
+from diaggym.cases import iter_jsonl, write_parquet
 from diaggym.errors import InputError
 from diaggym.sources import SourceResult
-from diaggym.splits import DEFAULT_RATIOS, assign_splits
+from diaggym.splits import DEFAULT_RATIOS, split_of
 
 SOURCES = ("mimic-iv", "agentclinic")
 
@@ -47,13 +48,9 @@ def preprocess(
     window_hours: float = 24.0,
     progress: bool = False,
 ) -> dict:
-    """Build, split and write cases; returns the dataset card."""
+    """Build, split and write cases (streamed: one case in memory at a time); returns the dataset card."""
     input_path, out = Path(input_path), Path(out)
     result = run_source(source, input_path, Path(mapping) if mapping else None, window_hours, progress)
-    if not result.cases:
-        raise InputError("no case survived the filters (see the counts above); nothing written", input_path)
-    cases = assign_splits(result.cases, ratios, salt)
-    cases.sort(key=lambda c: c.case_id)
     params = {
         "source": source,
         "input": str(input_path),
@@ -62,11 +59,18 @@ def preprocess(
         "window_hours": window_hours,
         "mapping": str(mapping) if mapping else "bundled",
     }
+    stats = CardStats()
     with atomic_dir(out) as tmp:
-        write_jsonl(cases, tmp / "cases.jsonl")
+        with atomic_file(tmp / "cases.jsonl") as fh:
+            for case in result.cases:
+                case.split = split_of(case.subject_key, ratios, salt)  # type: ignore[assignment]
+                fh.write(json.dumps(case.to_dict(), ensure_ascii=False) + "\n")
+                stats.add(case)
+        if not stats.exams_per_case:
+            raise InputError("no case survived the filters; nothing written", input_path)
         if parquet:
-            write_parquet(cases, tmp / "cases.parquet")
+            write_parquet(iter_jsonl(tmp / "cases.jsonl"), tmp / "cases.parquet")
         root = input_path if input_path.is_dir() else input_path.parent
-        card = build_card(result, cases, tmp / "cases.jsonl", root, params)
-        write_card(card, cases, tmp)
+        card = build_card(result, stats, tmp / "cases.jsonl", root, params)
+        write_card(card, stats, tmp)
     return card

@@ -8,9 +8,6 @@ preprocessing on more data never moves an existing patient to another split.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-
-from diaggym.cases import Case
 
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.8, 0.1, 0.1)
@@ -40,14 +37,3 @@ def split_of(subject_key: str, ratios: tuple[float, float, float] = DEFAULT_RATI
     if u < ratios[0] + ratios[1]:
         return "val"
     return "test"
-
-
-def assign_splits(
-    cases: Iterable[Case], ratios: tuple[float, float, float] = DEFAULT_RATIOS, salt: str = ""
-) -> list[Case]:
-    """Set ``split`` on every case (in place) and return them."""
-    out = []
-    for c in cases:
-        c.split = split_of(c.subject_key, ratios, salt)  # type: ignore[assignment]
-        out.append(c)
-    return out

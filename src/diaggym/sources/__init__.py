@@ -9,6 +9,7 @@ and row it dropped with the reason, so the dataset card can show that
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,9 @@ class FilterLog:
 
 @dataclass
 class SourceResult:
-    cases: list[Case]
+    """``cases`` may be a generator (streamed to the writer); ``log`` is complete once it is exhausted."""
+
+    cases: Iterable[Case]
     inputs: list[Path]
     log: FilterLog
     source: str
