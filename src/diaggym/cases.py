@@ -210,7 +210,7 @@ def write_jsonl(cases: Iterable[Case], path: str | Path) -> int:
     n = 0
     with atomic_file(path) as fh:
         for case in cases:
-            fh.write(json.dumps(case.to_dict(), ensure_ascii=False) + "\n")
+            fh.write(case.model_dump_json(by_alias=True) + "\n")
             n += 1
     return n
 

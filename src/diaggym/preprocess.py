@@ -10,7 +10,6 @@ so a failed run never leaves a folder that looks valid)::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from diaggym.atomic import atomic_dir, atomic_file
@@ -64,7 +63,7 @@ def preprocess(
         with atomic_file(tmp / "cases.jsonl") as fh:
             for case in result.cases:
                 case.split = split_of(case.subject_key, ratios, salt)  # type: ignore[assignment]
-                fh.write(json.dumps(case.to_dict(), ensure_ascii=False) + "\n")
+                fh.write(case.model_dump_json(by_alias=True) + "\n")
                 stats.add(case)
         if not stats.exams_per_case:
             raise InputError("no case survived the filters; nothing written", input_path)

@@ -293,6 +293,7 @@ class MimicIVBuilder:
             floats=("valuenum", "ref_range_lower", "ref_range_upper"),
             datetimes=("charttime",),
             strings=("value", "valueuom", "flag", "comments"),
+            keys=("subject_id", "hadm_id", "charttime"),
         )
         df, _ = self._read("hosp", "labevents", spec, keep=self._window_keep("charttime", self.lab_stats, windows))
         # Make every text field safe for the diaggym-v1 line in one vectorised pass.
@@ -413,7 +414,7 @@ class MimicIVBuilder:
         self.micro_row_drop: Counter = Counter()
         lab_slices = _slices(labs, "case_hadm")
         micro_slices = _slices(micro, "case_hadm")
-        rad_rows = self._radiology_exams(radiology)
+        # Select the columns once: a per-admission select() would go through the query engine every time.
         lab_cols = [
             "specimen_id",
             "charttime",
@@ -439,7 +440,9 @@ class MimicIVBuilder:
             "dilution_value",
             "comments",
         ]
-
+        labs = labs.select(lab_cols)
+        micro = micro.select(micro_cols)
+        rad_rows = self._radiology_exams(radiology)
         case_drop: Counter = Counter()
         exam_stats: Counter = Counter()
         row_used: Counter = Counter()
@@ -454,8 +457,8 @@ class MimicIVBuilder:
                 lab_part = lab_slices.get(h)
                 micro_part = micro_slices.get(h)
                 timed = (
-                    (self._lab_exams(labs.slice(*lab_part).select(lab_cols).iter_rows(), labinfo) if lab_part else [])
-                    + (self._micro_exams(micro.slice(*micro_part).select(micro_cols).iter_rows()) if micro_part else [])
+                    (self._lab_exams(labs.slice(*lab_part).rows(), labinfo) if lab_part else [])
+                    + (self._micro_exams(micro.slice(*micro_part).rows()) if micro_part else [])
                     + rad_rows.get(h, [])
                 )
 
