@@ -156,6 +156,162 @@ def scale_up(
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+base_app = typer.Typer(
+    help="Local base models (tokenizer + randomly initialised Qwen2), built from the cases.", no_args_is_help=True
+)
+app.add_typer(base_app, name="base")
+
+
+@base_app.command("init")
+def base_init(
+    cases: Annotated[Path, typer.Option(help="Preprocess output folder (its train split trains the tokenizer).")],
+    out: Annotated[Path, typer.Option(help="Folder for the base model (save_pretrained layout).")],
+    preset: Annotated[str, typer.Option(help="Model size: tiny (~1.5 M params), small (~28 M).")] = "tiny",
+    seed: Annotated[int, typer.Option(help="Seed for the tokenizer's case order and the initial weights.")] = 0,
+) -> None:
+    """Train a byte-level BPE tokenizer (single-digit numbers, <SEP> added) and write a random Qwen2 base."""
+    from diaggym.cases import load_cases
+    from diaggym.model.base import init_base
+
+    try:
+        info = init_base(load_cases(cases, split="train"), out, preset=preset, seed=seed)
+    except InputError as err:
+        _fail(err)
+    typer.echo(f"wrote {out}: {info['parameters']:,} parameters, vocabulary {info['vocab']} (preset {preset})")
+
+
+@app.command()
+def train(
+    cases: Annotated[Path | None, typer.Option(help="Preprocess output folder (train/val splits, card.json).")] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Base model folder (a local base or e.g. Qwen2.5-7B-Instruct).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder: checkpoints and final/.")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="JSON config file or preset name in configs/train/ (local, reference).")
+    ] = "local",
+    epochs: Annotated[float | None, typer.Option(help="Epochs.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (overrides epochs when > 0).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="LR schedule (cosine, linear, constant...).")] = None,
+    warmup: Annotated[float | None, typer.Option(help="Warmup: ratio of steps if < 1, else steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Per-device batch size.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Gradient accumulation steps.")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Max tokens per case (keeps the last tokens).")] = None,
+    bf16: Annotated[bool | None, typer.Option(help="bf16 mixed precision.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(help="Gradient checkpointing.")] = None,
+    deepspeed: Annotated[
+        str | None, typer.Option(help="DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json).")
+    ] = None,
+    save_steps: Annotated[int | None, typer.Option(help="Checkpoint every N optimizer steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+    mlflow: Annotated[
+        bool, typer.Option(help="Track the run in MLflow (MLFLOW_TRACKING_URI or work/mlflow.db).")
+    ] = True,
+    run_name: Annotated[str | None, typer.Option(help="MLflow run name.")] = None,
+) -> None:
+    """Fine-tune the world model on serialized cases (HF Trainer; DeepSpeed with --deepspeed)."""
+    from diaggym.training.train import TrainConfig
+    from diaggym.training.train import train as run
+
+    overrides = dict(
+        cases=str(cases) if cases else None,
+        base=str(base) if base else None,
+        out=str(out) if out else None,
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        schedule=schedule,
+        warmup=warmup,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        bf16=bf16,
+        gradient_checkpointing=gradient_checkpointing,
+        deepspeed=deepspeed,
+        save_steps=save_steps,
+        seed=seed,
+        resume=resume,
+        mlflow=mlflow,
+        run_name=run_name,
+    )
+    try:
+        cfg = (
+            TrainConfig.from_file(config, **overrides)
+            if config
+            else TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        )
+        for name in ("cases", "base", "out"):
+            if not getattr(cfg, name):
+                raise InputError(f"--{name} is required (or set it in the config)")
+        summary = run(cfg)
+    except InputError as err:
+        _fail(err)
+    shown = {
+        k: summary[k]
+        for k in ("global_step", "train_loss", "val_loss_before", "val_loss_after", "final")
+        if k in summary
+    }
+    typer.echo(json.dumps(shown, indent=2, default=str))
+
+
+@app.command()
+def simulate(
+    exam: Annotated[str, typer.Option(help="Exam to simulate, e.g. 'Complete Blood Count (CBC)'.")],
+    case_id: Annotated[str, typer.Option(help="Case whose profile and diagnosis condition the result.")],
+    cases: Annotated[Path, typer.Option(help="Preprocess output folder holding the case.")] = Path(
+        "work/demo/mimic-iv"
+    ),
+    model: Annotated[Path | None, typer.Option(help="Model folder (transformers engine).")] = None,
+    engine: Annotated[str, typer.Option(help="transformers, openai, normal, marginal or median.")] = "transformers",
+    url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (openai engine).")] = None,
+    served_model: Annotated[str, typer.Option(help="Model name on the OpenAI-compatible server.")] = "diaggym",
+    history: Annotated[str, typer.Option(help="'real': the case's exams before this one; 'none'.")] = "real",
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Generation limit in tokens.")] = 512,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parsed result as JSON.")] = False,
+) -> None:
+    """Generate one exam result for a case with the world model (or a baseline)."""
+    from diaggym.cases import load_cases
+    from diaggym.engines import EngineError, SamplingParams, make_engine
+    from diaggym.serialization import case_events
+    from diaggym.simulator import SimRequest, Simulator
+
+    try:
+        all_cases = load_cases(cases)
+        case = next((c for c in all_cases if c.case_id == case_id), None)
+        if case is None:
+            raise InputError(f"no case with id {case_id!r}", cases)
+        if history not in ("real", "none"):
+            raise InputError(f"--history must be 'real' or 'none', got {history!r}")
+        past: list[tuple[str, str]] = []
+        if history == "real":
+            for name, result in case_events(case):
+                if name == exam:
+                    break
+                past.append((name, result))
+        train_cases = [c for c in all_cases if c.split == "train"]
+        eng = make_engine(engine, model=model, url=url, served_model=served_model, cases=train_cases, seed=seed)
+        kinds = {e.name: e.kind for c in all_cases for e in c.exams}
+        res = Simulator(eng, kinds).simulate(
+            SimRequest.for_case(case, exam, past),
+            SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
+        )
+    except (InputError, EngineError) as err:
+        _fail(err)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"Exam name:\n{res.exam}\nExam results:\n{res.result}")
+    typer.echo(
+        f"\n[{res.finish_reason}; {res.completion_tokens} tokens; {len(res.items)} analytes parsed"
+        f"{'' if res.complete else f'; {len(res.unparsed_lines)} lines did not parse'}]",
+        err=True,
+    )
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -266,3 +266,26 @@ def parse_result(text: str, exam_name: str, kind: str | None = None) -> ParsedRe
     if not items:
         return ParsedResult(text=text)
     return ParsedResult(text=text, items=items, unparsed_lines=bad)
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[tuple[str, str]], str]:
+    """Inverse of :func:`render_prompt`: (context, history as (name, result) pairs, next exam name).
+
+    Baseline engines use it to learn which exam is asked for; it raises ``ValueError`` for text that
+    is not a diaggym-v1 prompt.
+    """
+    head, sep, tail = prompt.partition(EXAMS_HEADER)
+    if not sep or not tail.endswith("\nExam results:\n") or not tail.startswith("Exam name:\n"):
+        raise ValueError("not a diaggym-v1 prompt (no exam header, or it does not end with 'Exam results:\\n')")
+    context = head + EXAMS_HEADER
+    *events, last = tail.split(SEP)
+    history = []
+    for ev in events:
+        if not ev.startswith("Exam name:\n") or "\nExam results:\n" not in ev:
+            raise ValueError(f"malformed event in prompt: {ev[:80]!r}")
+        name, _, result = ev[len("Exam name:\n") :].partition("\nExam results:\n")
+        history.append((name, result))
+    name = last[len("Exam name:\n") : -len("\nExam results:\n")]
+    if not name or "\n" in name:
+        raise ValueError("malformed next-exam header in prompt")
+    return context, history, name

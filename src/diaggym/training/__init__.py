@@ -1,0 +1,1 @@
+"""Fine-tuning the world model on serialized cases (contract 2) with the HF Trainer."""
