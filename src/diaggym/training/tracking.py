@@ -17,17 +17,13 @@ from pathlib import Path
 WORK_DIR = Path(os.environ.get("DIAGGYM_WORK", "work"))
 
 
-def local_uri() -> str:
-    return f"sqlite:///{(WORK_DIR / 'mlflow.db').resolve()}"
-
-
 def tracking_uri() -> str:
     """``MLFLOW_TRACKING_URI`` or the local SQLite store (created on first use)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     WORK_DIR.mkdir(parents=True, exist_ok=True)
-    return local_uri()
+    return f"sqlite:///{(WORK_DIR / 'mlflow.db').resolve()}"
 
 
 def ensure_experiment(name: str) -> str:
@@ -38,8 +34,10 @@ def ensure_experiment(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     location = None
-    if mlflow.get_tracking_uri() == local_uri():  # (set_tracking_uri also exports MLFLOW_TRACKING_URI)
-        location = (WORK_DIR / "mlartifacts").resolve().as_uri()
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///"):
+        # A file store: keep artifacts beside the database, not in ./mlruns of whatever the cwd is.
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     return mlflow.create_experiment(name, artifact_location=location)
 
 
