@@ -7,6 +7,7 @@ clear line naming the file and the problem and exit with status 2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -248,6 +249,8 @@ def train(
         summary = run(cfg)
     except InputError as err:
         _fail(err)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun/deepspeed only rank 0 reports
+        return
     shown = {
         k: summary[k]
         for k in ("global_step", "train_loss", "val_loss_before", "val_loss_after", "final")

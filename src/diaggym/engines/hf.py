@@ -282,6 +282,45 @@ def _buffer_layer_class():
     return BufferLayer
 
 
+# --------------------------------------------------------------------------- attention
+ATTN_IMPLEMENTATION = "diaggym_sdpa"
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA that keeps grouped-query attention grouped when decoding with a padding mask.
+
+    transformers' SDPA path repeats the KV heads (``repeat_kv``: a full copy of the cache, per
+    layer, per token) whenever a mask is given, which is every step of a left-padded batch; on CPU
+    that made a 32-row decode step ~6x slower.  For one query token the query heads that share a
+    KV head are folded into the query-length axis instead (``[B, kv_heads, groups, head_dim]``),
+    which is the same attention with no copy.  Everything else goes to the stock implementation.
+    """
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    b, heads, q_len, dim = query.shape
+    kv_heads = key.shape[1]
+    if attention_mask is None or q_len != 1 or heads == kv_heads or attention_mask.dim() != 4:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    grouped = query.reshape(b, kv_heads, heads // kv_heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
+    )
+    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _use_grouped_sdpa(model) -> None:
+    """Register :func:`_grouped_sdpa` (and SDPA's mask builder) and switch ``model`` to it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _grouped_sdpa)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+
 # --------------------------------------------------------------------------- per-request state
 @dataclass
 class _Row:
@@ -353,6 +392,8 @@ class TransformersEngine(Engine):
             )
             self.model.to(self.device)
         self.model.eval()
+        if self.model.config._attn_implementation in ("sdpa", ATTN_IMPLEMENTATION):
+            _use_grouped_sdpa(self.model)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.eos_token = eos_token if eos_token is not None else self.tokenizer.eos_token
         eos_id = self.tokenizer.convert_tokens_to_ids(self.eos_token) if self.eos_token else None

@@ -216,7 +216,8 @@ def train(config: TrainConfig) -> dict:
         callbacks=callbacks,
     )
     summary: dict = {"train_cases": len(train_ds), "val_cases": len(val_ds), "config": asdict(config)}
-    if config.eval and len(val_ds) and last_ckpt is None:
+    if config.eval and len(val_ds) and last_ckpt is None and not config.deepspeed:
+        # (DeepSpeed cannot evaluate before its engine exists unless the config is ZeRO-3: skipped there.)
         summary["val_loss_before"] = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=str(last_ckpt) if (config.resume and last_ckpt) else None)
     summary["train_loss"] = result.training_loss
