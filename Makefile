@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORK ?= work
+DEMO_RUN := $(WORK)/runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test lint install clean bench-preprocess
 
@@ -23,9 +24,12 @@ demo: $(STAMP)
 	$(VENV)/bin/diaggym preprocess --source agentclinic --input data/agentclinic/agentclinic_medqa.jsonl \
 		--out $(WORK)/demo/agentclinic
 	$(VENV)/bin/diaggym validate $(WORK)/demo/mimic-iv
+	./local_train.sh --cases $(WORK)/demo/mimic-iv --out $(DEMO_RUN)
+	$(VENV)/bin/diaggym simulate --cases $(WORK)/demo/mimic-iv --model $(DEMO_RUN)/final \
+		--exam "Complete Blood Count (CBC)" --temperature 1.0 --seed 0
 	@echo
-	@echo "Demo outputs: $(WORK)/demo/mimic-iv/{cases.jsonl,card.md,card.json,exams_per_case.png}"
-	@echo "First case as the world model reads it:  $(VENV)/bin/diaggym show $(WORK)/demo/mimic-iv | head -40"
+	@echo "Cases and card: $(WORK)/demo/mimic-iv/{cases.jsonl,card.md,card.json,exams_per_case.png}"
+	@echo "MLflow runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines serving

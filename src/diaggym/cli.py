@@ -262,7 +262,12 @@ def train(
 @app.command()
 def simulate(
     exam: Annotated[str, typer.Option(help="Exam to simulate, e.g. 'Complete Blood Count (CBC)'.")],
-    case_id: Annotated[str, typer.Option(help="Case whose profile and diagnosis condition the result.")],
+    case_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Case whose profile and diagnosis condition the result (default: the first test-split case)."
+        ),
+    ] = None,
     cases: Annotated[Path, typer.Option(help="Preprocess output folder holding the case.")] = Path(
         "work/demo/mimic-iv"
     ),
@@ -284,9 +289,14 @@ def simulate(
 
     try:
         all_cases = load_cases(cases)
-        case = next((c for c in all_cases if c.case_id == case_id), None)
-        if case is None:
-            raise InputError(f"no case with id {case_id!r}", cases)
+        if case_id is None:
+            case = next((c for c in all_cases if c.split == "test"), None)
+            if case is None:
+                raise InputError("no test-split case; pass --case-id", cases)
+        else:
+            case = next((c for c in all_cases if c.case_id == case_id), None)
+            if case is None:
+                raise InputError(f"no case with id {case_id!r}", cases)
         if history not in ("real", "none"):
             raise InputError(f"--history must be 'real' or 'none', got {history!r}")
         past: list[tuple[str, str]] = []
@@ -305,8 +315,9 @@ def simulate(
     except (InputError, EngineError) as err:
         _fail(err)
     if as_json:
-        typer.echo(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
+        typer.echo(json.dumps({"case_id": case.case_id, **res.to_dict()}, indent=2, ensure_ascii=False))
         return
+    typer.echo(f"[{case.case_id}, {len(past)} exams of history]", err=True)
     typer.echo(f"Exam name:\n{res.exam}\nExam results:\n{res.result}")
     typer.echo(
         f"\n[{res.finish_reason}; {res.completion_tokens} tokens; {len(res.items)} analytes parsed"

@@ -121,7 +121,9 @@ def init_base(cases: list[Case], out: str | Path, preset: str = "tiny", seed: in
         raise InputError("no training cases to build the tokenizer from (is the train split empty?)")
     p = PRESETS[preset]
     tokenizer = train_tokenizer(case_texts(cases, seed), p.vocab_size)
-    model = build_model(p, len(tokenizer), tokenizer.eos_token_id, seed)
+    # Shape presets keep their real vocabulary size (so parameter counts and FLOPs match the real model);
+    # embedding rows beyond the local tokenizer are simply never used.
+    model = build_model(p, max(len(tokenizer), p.vocab_size), tokenizer.eos_token_id, seed)
     n_params = sum(x.numel() for x in model.parameters())
     info = {
         "preset": preset,

@@ -221,6 +221,7 @@ def train(config: TrainConfig) -> dict:
         summary["val_loss_before"] = trainer.evaluate()["eval_loss"]
     result = trainer.train(resume_from_checkpoint=str(last_ckpt) if (config.resume and last_ckpt) else None)
     summary["train_loss"] = result.training_loss
+    summary["train_runtime"] = result.metrics.get("train_runtime")
     summary["global_step"] = trainer.state.global_step
     if config.eval and len(val_ds):
         summary["val_loss_after"] = trainer.evaluate()["eval_loss"]
