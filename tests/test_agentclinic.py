@@ -231,14 +231,14 @@ def test_drops_are_counted(tmp_path):
 def test_malformed_line_raises_with_line_number(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(VARIANT) + "\n\n{not json\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"line 3: not valid JSON") as err:
+    with pytest.raises(InputError, match=r"jsonl:3: not valid JSON") as err:
         build_agentclinic_cases(path)
     assert str(path) in str(err.value)
 
 
 def test_non_osce_record_and_missing_file_raise(tmp_path):
     path = _write(tmp_path, [VARIANT, [1, 2]])
-    with pytest.raises(InputError, match="line 2: not an AgentClinic OSCE record"):
+    with pytest.raises(InputError, match="jsonl:2: not an AgentClinic OSCE record"):
         build_agentclinic_cases(path)
     with pytest.raises(InputError, match="no such AgentClinic file"):
         build_agentclinic_cases(tmp_path / "missing.jsonl")

@@ -185,20 +185,28 @@ def parse_case(obj: dict, where: str = "") -> Case:
         raise InputError(f"{where}: {_format_validation_error(err)}") from None
 
 
-def iter_jsonl(path: str | Path) -> Iterator[Case]:
-    """Stream validated cases from a JSONL file."""
+def iter_json_lines(path: str | Path, what: str = "case file") -> Iterator[tuple[int, object]]:
+    """(line number, decoded JSON) for every non-blank line; errors name the file and the line."""
     path = Path(path)
     if not path.is_file():
-        raise InputError("no such case file", path)
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            yield parse_case(obj, f"{path}:{lineno}")
+        raise InputError(f"no such {what}", path)
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text ({err.reason})", path) from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Case]:
+    """Stream validated cases from a JSONL file."""
+    for lineno, obj in iter_json_lines(path):
+        yield parse_case(obj, f"{path}:{lineno}")  # type: ignore[arg-type]
 
 
 def read_jsonl(path: str | Path) -> list[Case]:

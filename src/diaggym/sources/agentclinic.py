@@ -48,7 +48,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from diaggym.cases import LAB_KEYS, SEP, Case, Exam, ExamKind, LabItem, Profile
+from diaggym.cases import LAB_KEYS, SEP, Case, Exam, ExamKind, LabItem, Profile, iter_json_lines
 from diaggym.errors import InputError
 from diaggym.sources import FilterLog, SourceResult
 
@@ -862,25 +862,11 @@ def build_agentclinic_cases(path: str | Path, *, source: str = SOURCE) -> Source
     JSON line that is not an OSCE record.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError("no such AgentClinic file", path)
     records: list[tuple[int, dict]] = []
-    try:
-        with open(path, encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"line {lineno}: not valid JSON ({err.msg})", path) from None
-                if _osce(obj) is None:
-                    raise InputError(
-                        f"line {lineno}: not an AgentClinic OSCE record (no 'OSCE_Examination' object)", path
-                    )
-                records.append((lineno, obj))
-    except UnicodeDecodeError as err:
-        raise InputError(f"not UTF-8 text ({err.reason})", path) from None
+    for lineno, obj in iter_json_lines(path, "AgentClinic file"):
+        if _osce(obj) is None:
+            raise InputError(f"{path}:{lineno}: not an AgentClinic OSCE record (no 'OSCE_Examination' object)")
+        records.append((lineno, obj))  # type: ignore[arg-type]
 
     log = FilterLog()
     log.add("parse", "case", len(records), {})

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -122,6 +123,25 @@ def parse_discharge_note(text: str) -> dict[str, str | None]:
 
 
 # --------------------------------------------------------------------------- the source
+@dataclass
+class _Tables:
+    """What :meth:`MimicIVBuilder.build` read, filtered to the admissions' windows."""
+
+    adm: pl.DataFrame
+    patients: pl.DataFrame
+    services: pl.DataFrame
+    diagnoses: pl.DataFrame
+    d_icd: pl.DataFrame
+    d_lab: pl.DataFrame
+    edstays: pl.DataFrame
+    triage: pl.DataFrame
+    vitalsign: pl.DataFrame
+    labs: pl.DataFrame
+    micro: pl.DataFrame
+    notes: dict[int, dict]
+    radiology: pl.DataFrame | None
+
+
 class MimicIVBuilder:
     """Reads one MIMIC-IV-layout folder and builds cases; see the module docstring for the rules."""
 
@@ -228,19 +248,21 @@ class MimicIVBuilder:
         radiology = self._radiology(windows)
 
         return self._assemble(
-            adm,
-            patients,
-            services,
-            diagnoses,
-            d_icd,
-            d_lab,
-            edstays,
-            triage,
-            vitalsign,
-            labs,
-            micro,
-            notes,
-            radiology,
+            _Tables(
+                adm,
+                patients,
+                services,
+                diagnoses,
+                d_icd,
+                d_lab,
+                edstays,
+                triage,
+                vitalsign,
+                labs,
+                micro,
+                notes,
+                radiology,
+            ),
             hadm_set,
         )
 
@@ -370,23 +392,10 @@ class MimicIVBuilder:
         return df.with_columns(pl.col("note_id").replace_strict(names, default=None).alias("exam_name"))
 
     # -- per-case assembly (a generator: cases stream to the writer, one in memory at a time)
-    def _assemble(
-        self,
-        adm,
-        patients,
-        services,
-        diagnoses,
-        d_icd,
-        d_lab,
-        edstays,
-        triage,
-        vitalsign,
-        labs,
-        micro,
-        notes,
-        radiology,
-        hadm_set,
-    ) -> SourceResult:
+    def _assemble(self, t: _Tables, hadm_set: set[int]) -> SourceResult:
+        adm, patients, services, diagnoses, d_icd = t.adm, t.patients, t.services, t.diagnoses, t.d_icd
+        d_lab, edstays, triage, vitalsign, labs = t.d_lab, t.edstays, t.triage, t.vitalsign, t.labs
+        micro, notes, radiology = t.micro, t.notes, t.radiology
         pat = {r["subject_id"]: r for r in patients.iter_rows(named=True)}
         service: dict[int, str] = {}
         for h, s in services.sort("transfertime").select("hadm_id", "curr_service").iter_rows():

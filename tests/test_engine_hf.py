@@ -1,0 +1,322 @@
+"""The in-process transformers engine: batching, seeded sampling, prefix-KV reuse, stops, limits.
+
+A random base (``init_base`` tiny) mostly repeats one token, which would make "equal outputs"
+checks pass for a broken engine, so most tests use a *scrambled* copy: the same tokenizer, with
+weights redrawn at a larger scale and an untied output layer, whose greedy text changes every
+token and depends on the whole context (positions, masking, cached keys/values).  A third copy,
+the *stopper*, has the ``<SEP>`` output row set to a scaled copy of a token it likes to write,
+so it emits ``<SEP>`` part-way through a result, as a trained model does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diaggym.cases import SEP
+from diaggym.engines.base import EngineError, SamplingParams, cut_at_stop
+from diaggym.engines.hf import PrefixCache, TransformersEngine
+from diaggym.model.base import init_base
+from diaggym.serialization import case_prompts, render_context, render_prompt
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cases(demo_result):
+    return sorted(demo_result.cases, key=lambda c: (-len(c.exams), c.case_id))
+
+
+@pytest.fixture(scope="module")
+def tiny(cases, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hf") / "tiny"
+    init_base([c for c in cases if c.split == "train"], out, "tiny", seed=0)
+    return out
+
+
+def _save_variant(src: Path, out: Path, edit) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    return out
+
+
+def _scramble(model) -> None:
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "embed" in name:
+            p.normal_(0, 1.0)
+        elif p.ndim == 2:
+            p.normal_(0, 2.0 / p.shape[1] ** 0.5)
+    model.config.tie_word_embeddings = False
+    head = torch.randn_like(model.lm_head.weight) * 2.0 / model.config.hidden_size**0.5
+    model.lm_head.weight = torch.nn.Parameter(head)
+
+
+@pytest.fixture(scope="module")
+def scrambled(tiny, tmp_path_factory) -> Path:
+    return _save_variant(tiny, tmp_path_factory.mktemp("hf") / "scrambled", _scramble)
+
+
+def hf_greedy_ids(model_dir: Path, prompt: str, n: int) -> list[int]:
+    """Reference: plain ``model.generate`` greedy at batch 1 (no stops)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    enc = tok(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, enc.input_ids.shape[1] :].tolist()
+
+
+@pytest.fixture(scope="module")
+def chain(cases) -> list[str]:
+    """The first 6 steps of the demo case with the most exams, true history."""
+    return case_prompts(cases[0])[:6]
+
+
+@pytest.fixture(scope="module")
+def mixed_prompts(cases) -> list[str]:
+    """Prompts of different cases and very different lengths (exercises padding)."""
+    return [case_prompts(cases[0])[5], case_prompts(cases[1])[1], case_prompts(cases[2])[3], case_prompts(cases[3])[0]]
+
+
+@pytest.fixture(scope="module")
+def stopper(scrambled, tmp_path_factory, mixed_prompts) -> tuple[Path, str]:
+    """Scrambled model that writes <SEP> where it would have written a token it uses early in a result."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(scrambled)
+    sep_id = tok.convert_tokens_to_ids(SEP)
+    prompt = mixed_prompts[1]
+    gen = hf_greedy_ids(scrambled, prompt, 12)
+    x = next(t for j, t in enumerate(gen) if j >= 4 and t not in gen[:j])
+
+    def edit(model) -> None:
+        _scramble(model)
+        model.lm_head.weight[sep_id] = 1.3 * model.lm_head.weight[x]
+
+    return _save_variant(scrambled, tmp_path_factory.mktemp("hf") / "stopper", edit), prompt
+
+
+def engine(path: Path, **kw) -> TransformersEngine:
+    return TransformersEngine(path, **kw)
+
+
+# --------------------------------------------------------------------------- batching
+def test_greedy_batched_equals_one_by_one_and_plain_generate(scrambled, mixed_prompts):
+    # different max_tokens per row: rows finish at different steps, so the batch is compacted
+    # (the longest prompt finishes first, so leading padding columns are dropped too)
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, stop=()) for n in (6, 24, 20, 16)
+    ]  # no stops: compare raw text
+    batched = engine(scrambled, prefix_cache_tokens=0).generate(mixed_prompts, params)
+    single_engine = engine(scrambled, prefix_cache_tokens=0)
+    single = [single_engine.generate([p], [sp])[0] for p, sp in zip(mixed_prompts, params, strict=True)]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.completion_tokens for c in batched] == [6, 24, 20, 16]
+    assert all(c.finish_reason == "length" for c in batched)
+    assert len({c.text for c in batched}) == 4 and all(len(set(c.text.split())) > 2 for c in batched[1:])
+    # and both equal transformers' own greedy decoding of each prompt
+    tok = single_engine.tokenizer
+    for p, sp, c in zip(mixed_prompts, params, batched, strict=True):
+        ref = tok.decode(hf_greedy_ids(scrambled, p, sp.max_tokens), skip_special_tokens=True).strip()
+        assert c.text == ref
+
+
+def test_more_prompts_than_max_batch_size(scrambled, mixed_prompts):
+    e = engine(scrambled, prefix_cache_tokens=0, max_batch_size=3)
+    out = e.generate(mixed_prompts, GREEDY)
+    ref = engine(scrambled, prefix_cache_tokens=0).generate(mixed_prompts, GREEDY)
+    assert [c.text for c in out] == [c.text for c in ref]
+
+
+# --------------------------------------------------------------------------- sampling
+def test_seeded_sampling_reproducible_and_batch_independent(scrambled, mixed_prompts):
+    e = engine(scrambled, prefix_cache_tokens=0)
+    p = mixed_prompts[1]
+    sp = [SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, seed=s) for s in range(4)]
+    alone = [e.generate([p], [x])[0].text for x in sp]
+    again = [e.generate([p], [x])[0].text for x in sp]
+    assert alone == again
+    assert len(set(alone)) == 4  # different seeds, different samples
+    assert alone[0] != e.generate([p], GREEDY)[0].text
+    # the same requests inside a mixed batch (other prompts, greedy rows, other seeds, other order)
+    others = [SamplingParams(max_tokens=7, temperature=0.7, top_p=0.5, seed=99), GREEDY]
+    batch = [mixed_prompts[0], p, mixed_prompts[2], p, p, mixed_prompts[3], p]
+    params = [others[0], sp[3], others[1], sp[1], sp[0], others[0], sp[2]]
+    out = e.generate(batch, params)
+    assert [out[4].text, out[3].text, out[6].text, out[1].text] == alone
+    # with the prefix cache on, the repeats of the same prompt reuse the first one's KV
+    cached = engine(scrambled).generate(batch, params)
+    assert [c.text for c in cached] == [c.text for c in out]
+    assert cached[3].cached_prompt_tokens == cached[3].prompt_tokens - 1
+
+
+def test_tiny_top_p_is_greedy_and_temperature_zero_ignores_seed(scrambled, mixed_prompts):
+    e = engine(scrambled, prefix_cache_tokens=0)
+    p = mixed_prompts[2]
+    greedy = e.generate([p], GREEDY)[0].text
+    nucleus = SamplingParams(max_tokens=24, temperature=1.5, top_p=1e-6, seed=5)
+    assert e.generate([p], nucleus)[0].text == greedy
+    assert e.generate([p], SamplingParams(max_tokens=24, temperature=0.0, seed=123))[0].text == greedy
+
+
+# --------------------------------------------------------------------------- prefix reuse
+def _own_output_chain(e: TransformersEngine, case, steps: int) -> list:
+    context = render_context(case.profile, case.final_diagnosis)
+    history: list[tuple[str, str]] = []
+    out = []
+    for exam in case.exams[:steps]:
+        c = e.generate([render_prompt(context, history, exam.name)], GREEDY)[0]
+        history.append((exam.name, c.text))
+        out.append(c)
+    return out
+
+
+def test_prefix_reuse_on_true_history_chain_matches_uncached(scrambled, cases, chain):
+    other = case_prompts(cases[1])[:6]
+    cached, fresh = engine(scrambled), engine(scrambled, prefix_cache_tokens=0)
+    got, ref = [], []
+    for k in range(6):  # two chains advance together, one batched call per step
+        got.append(cached.generate([chain[k], other[k]], GREEDY))
+        ref.append(fresh.generate([chain[k], other[k]], GREEDY))
+    assert [[c.text for c in step] for step in got] == [[c.text for c in step] for step in ref]
+    assert any(c.text for step in got for c in step)
+    assert all(c.cached_prompt_tokens == 0 for step in ref for c in step)
+    for k in range(1, 6):
+        for j in range(2):
+            # the whole previous prompt (up to a token or two of re-tokenisation at the boundary) is reused
+            assert got[k][j].cached_prompt_tokens >= got[k - 1][j].prompt_tokens - 2, (k, j)
+            assert got[k][j].cached_prompt_tokens < got[k][j].prompt_tokens
+    stats = cached.stats
+    assert stats["completions"] == 12
+    assert stats["prompt_tokens"] == sum(c.prompt_tokens for step in got for c in step)
+    assert stats["cached_prompt_tokens"] == sum(c.cached_prompt_tokens for step in got for c in step)
+    assert stats["cached_prompt_tokens"] > stats["prompt_tokens"] / 2
+
+
+def test_prefix_reuse_covers_generated_tokens_on_own_output_chain(scrambled, cases):
+    cached = _own_output_chain(engine(scrambled), cases[0], 5)
+    fresh = _own_output_chain(engine(scrambled, prefix_cache_tokens=0), cases[0], 5)
+    assert [c.text for c in cached] == [c.text for c in fresh]
+    for k in range(1, 5):
+        # the previous prompt *and* most of what was generated for it come from the cache
+        assert cached[k].cached_prompt_tokens > cached[k - 1].prompt_tokens + cached[k - 1].completion_tokens // 2
+
+
+def test_close_frees_the_cache(scrambled, chain):
+    e = engine(scrambled)
+    e.generate(chain[:1], GREEDY)
+    assert e.stats["cache_tokens"] > 0
+    e.close()
+    assert e.stats["cache_tokens"] == 0
+    assert e.generate(chain[1:2], GREEDY)[0].cached_prompt_tokens == 0
+
+
+def _kv(ids: list[int], tag: float) -> list:
+    """Fake one-layer KV whose values identify (tag, position)."""
+    pos = torch.arange(len(ids), dtype=torch.float32)
+    return [(pos.view(1, 1, -1, 1) + tag, -pos.view(1, 1, -1, 1) - tag)]
+
+
+def test_prefix_cache_tree_shares_prefixes_and_evicts_lru():
+    cache = PrefixCache(budget_tokens=40)
+    a = np.arange(20)
+    b = np.concatenate([a[:12], 100 + np.arange(8)])  # shares 12 tokens with a
+    cache.insert(a, _kv(a.tolist(), 0.0))
+    cache.insert(b, _kv(b.tolist(), 1000.0))
+    assert cache.tokens == 28  # 20 + the 8 new tokens of b: the prefix is stored once
+    path = cache.lookup(np.concatenate([b, [7, 7]]))
+    assert sum(n for _, n in path) == 20
+    k, v = PrefixCache.gather(path, 20)[0]
+    expected = torch.cat([torch.arange(12.0), 1000.0 + torch.arange(12.0, 20.0)])
+    assert torch.equal(k.flatten(), expected) and torch.equal(v.flatten(), -expected)
+    # LRU: touch a, then insert c (disjoint, 15 tokens) over the budget -> b's tail goes, not a
+    cache.lookup(a)
+    c = 500 + np.arange(15)
+    cache.insert(c, _kv(c.tolist(), 5.0))
+    assert cache.tokens <= 40 and cache.evictions >= 1
+    assert sum(n for _, n in cache.lookup(a)) == 20
+    assert sum(n for _, n in cache.lookup(b)) == 12
+    assert sum(n for _, n in cache.lookup(c)) == 15
+    assert PrefixCache(0).lookup(a) == []
+
+
+def test_prefix_cache_budget_holds_over_a_long_run(scrambled, cases):
+    e = engine(scrambled, prefix_cache_tokens=1500)
+    prompts = [case_prompts(c)[2] for c in cases[:6]]
+    for p in prompts:
+        e.generate([p], SamplingParams(max_tokens=4, temperature=0.0))
+        assert e.stats["cache_tokens"] <= 1500
+    assert e.stats["evictions"] > 0
+
+
+# --------------------------------------------------------------------------- stops and limits
+def test_stops_at_sep_written_mid_result(stopper):
+    path, prompt = stopper
+    e = engine(path, prefix_cache_tokens=0)
+    c = e.generate([prompt], GREEDY)[0]
+    ref_ids = hf_greedy_ids(path, prompt, GREEDY.max_tokens)
+    sep_id = e.tokenizer.convert_tokens_to_ids(SEP)
+    assert sep_id in ref_ids[1:-1]  # precondition: the reference writes <SEP> part-way
+    assert c.finish_reason == "stop"
+    assert c.completion_tokens == ref_ids.index(sep_id) + 1
+    assert c.text == e.tokenizer.decode(ref_ids[: ref_ids.index(sep_id)]).strip() != ""
+    assert SEP not in c.text
+    # without the stop string it runs on to max_tokens and the <SEP> is in the raw text
+    raw = e.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, stop=()))[0]
+    assert raw.finish_reason == "length" and SEP in raw.text and raw.text.startswith(c.text)
+
+
+def test_custom_stop_string_and_eos(scrambled, mixed_prompts):
+    e = engine(scrambled, prefix_cache_tokens=0)
+    prompt = mixed_prompts[2]
+    gen = hf_greedy_ids(scrambled, prompt, 24)
+    j = next(j for j in range(3, 20) if gen[j] not in gen[:j])
+    # a stop string: the text of token j
+    piece = e.tokenizer.decode([gen[j]]).strip()
+    full = e.tokenizer.decode(gen)
+    c = e.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, stop=(piece,)))[0]
+    assert c.finish_reason == "stop" and c.completion_tokens < 24
+    assert c.text == cut_at_stop(full, (piece,))[0]
+    # EOS: make token j the end-of-sequence token
+    eos = e.tokenizer.convert_ids_to_tokens(gen[j])
+    e2 = engine(scrambled, prefix_cache_tokens=0, eos_token=eos)
+    c2 = e2.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, stop=()))[0]
+    assert c2.finish_reason == "stop"
+    assert c2.completion_tokens == j + 1
+    assert c2.text == e.tokenizer.decode(gen[:j]).strip()
+
+
+def test_max_tokens_gives_length(tiny, scrambled, chain):
+    for path in (tiny, scrambled):
+        c = engine(path).generate([chain[2]], SamplingParams(max_tokens=7, temperature=0.0))[0]
+        assert c.finish_reason == "length"
+        assert c.completion_tokens == 7
+
+
+def test_prompt_too_long_is_an_error_not_truncation(tiny):
+    e = engine(tiny, prefix_cache_tokens=0)
+    limit = e.model.config.max_position_embeddings
+    unit = "Hemoglobin: Value: 10.1; Numeric Value: 10.1; Units: g/dL\n"
+    n_unit = len(e.tokenizer(unit)["input_ids"])
+    text = unit * ((limit - 40) // n_unit)
+    n = len(e.tokenizer(text)["input_ids"])
+    assert limit - 60 < n <= limit - 8
+    with pytest.raises(EngineError) as err:
+        e.generate(["short prompt", text], SamplingParams(max_tokens=limit - n + 1, temperature=0.0))
+    assert err.value.reason == "prompt_too_long"
+    assert str(n) in str(err.value) and str(limit) in str(err.value)
+    # exactly at the limit it runs
+    c = e.generate([text], SamplingParams(max_tokens=limit - n, temperature=0.0, stop=()))[0]
+    assert c.prompt_tokens == n and c.completion_tokens == limit - n
