@@ -326,6 +326,80 @@ def simulate(
     )
 
 
+@app.command()
+def evaluate(
+    cases: Annotated[Path, typer.Option(help="Preprocess output folder (train split feeds the baselines).")],
+    out: Annotated[Path, typer.Option(help="Report folder: metrics.json, report.md, plots.")],
+    engine: Annotated[
+        str, typer.Option(help="Candidate engine: transformers, openai, normal, marginal, median.")
+    ] = "transformers",
+    model: Annotated[Path | None, typer.Option(help="Candidate model folder (transformers engine).")] = None,
+    url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (openai engine).")] = None,
+    served_model: Annotated[str, typer.Option(help="Model name on the OpenAI-compatible server.")] = "diaggym",
+    base_model: Annotated[
+        Path | None, typer.Option(help="Un-tuned base model folder, evaluated as a baseline.")
+    ] = None,
+    baselines: Annotated[
+        str, typer.Option(help="Comma-separated baselines (normal, marginal, median) or ''.")
+    ] = "normal,marginal,median",
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
+    max_cases: Annotated[int | None, typer.Option(help="Evaluate at most this many cases.")] = None,
+    max_exams: Annotated[int, typer.Option(help="Exams per case (step and chain level).")] = 30,
+    exam_samples: Annotated[int, typer.Option(help="Samples per (case, exam type) at exam level.")] = 3,
+    max_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 512,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    embedding_model: Annotated[
+        str | None, typer.Option(help="sentence-transformers model path (default: the bundled all-MiniLM-L6-v2).")
+    ] = None,
+    mlflow: Annotated[bool, typer.Option(help="Log the report to MLflow.")] = True,
+    mlflow_run_id: Annotated[
+        str | None, typer.Option(help="Log under this (training) run instead of a new one.")
+    ] = None,
+) -> None:
+    """Score a world model against the baselines: format, fidelity, diversity, consistency, cost."""
+    from diaggym.cases import load_cases
+    from diaggym.engines import EngineError, make_engine
+    from diaggym.evaluation.run import EvalSettings
+    from diaggym.evaluation.run import evaluate as run
+
+    try:
+        train_cases = load_cases(cases, split="train")
+        engines = {
+            "candidate": make_engine(
+                engine, model=model, url=url, served_model=served_model, cases=train_cases, seed=seed
+            )
+        }
+        if base_model is not None:
+            engines["base (untuned)"] = make_engine("transformers", model=base_model)
+        for b in [x.strip() for x in baselines.split(",") if x.strip()]:
+            engines[b] = make_engine(b, cases=train_cases, seed=seed)
+        settings = EvalSettings(
+            max_cases=max_cases,
+            max_exams=max_exams,
+            exam_samples=exam_samples,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+        )
+        doc = run(
+            str(cases),
+            str(out),
+            engines,
+            split=split,
+            settings=settings,
+            embedding_model=embedding_model,
+            candidate=str(model or url or engine),
+            mlflow=mlflow,
+            mlflow_run_id=mlflow_run_id,
+        )
+    except (InputError, EngineError) as err:
+        _fail(err)
+    typer.echo((out / "report.md").read_text())
+    if doc.get("mlflow_run_id"):
+        typer.echo(f"MLflow run {doc['mlflow_run_id']}")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -1,0 +1,1 @@
+"""Evaluating world models and baselines on held-out cases (fidelity, diversity, format, cost)."""

@@ -1,0 +1,143 @@
+"""Writing an evaluation: ``metrics.json`` (versioned), ``report.md`` with plots, and the MLflow run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from diaggym.atomic import atomic_file
+
+TABLE = [  # (metric key, column title, better)
+    ("format_stop_rate", "stops at <SEP>", "higher"),
+    ("format_parse_rate", "parses", "higher"),
+    ("analyte_overlap", "analyte overlap", "higher"),
+    ("auto_similarity", "auto_similarity (0–5)", "higher"),
+    ("lab_abs_z_capped", "lab |z| (capped 5)", "lower"),
+    ("auto_consistency", "auto_consistency", "higher"),
+    ("num_var", "Num. Var", "closer to real"),
+    ("num_wdist", "Num. WDist", "lower"),
+    ("text_diversity", "text diversity", "closer to real"),
+    ("text_fid", "text FID", "lower"),
+    ("seconds_per_exam", "s / exam", "lower"),
+    ("seconds_per_case", "s / case (chain)", "lower"),
+]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _plots(out: Path, doc: dict, real_values: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names: list[str] = []
+    engines = doc["engines"]
+    # WDist per engine (bar chart)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
+    vals = [engines[e]["metrics"].get("num_wdist") for e in engines]
+    ax.bar(list(engines), [v if v is not None else 0 for v in vals], color="#3b75af")
+    ax.set_ylabel("Num. WDist (real sd)")
+    ax.set_title("Numeric distance to real values (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out / "wdist.png")
+    plt.close(fig)
+    names.append("wdist.png")
+    # Numeric distributions of the most frequent analytes
+    top = sorted(real_values, key=lambda k: -len(real_values[k]))[:4]
+    if top:
+        fig, axes = plt.subplots(1, len(top), figsize=(3.2 * len(top), 3), dpi=110)
+        for ax, key in zip(np.atleast_1d(axes), top, strict=False):
+            ax.hist(real_values[key], bins=20, alpha=0.5, density=True, label="real")
+            for e, rep in engines.items():
+                g = rep.get("generated_values", {}).get(key, [])
+                if len(g) > 1:
+                    ax.hist(g, bins=20, alpha=0.35, density=True, histtype="step", label=e)
+            ax.set_title(key.split(" / ")[-1], fontsize=9)
+        np.atleast_1d(axes)[0].legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "numeric_distributions.png")
+        plt.close(fig)
+        names.append("numeric_distributions.png")
+    # Diversity per exam type
+    groups = sorted({g for rep in engines.values() for g in rep["metrics"].get("text_diversity_per_group", {})})
+    if groups:
+        fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+        width = 0.8 / max(1, len(engines))
+        for i, (e, rep) in enumerate(engines.items()):
+            per = rep["metrics"].get("text_diversity_per_group", {})
+            ax.bar(np.arange(len(groups)) + i * width, [per.get(g, 0) for g in groups], width, label=e)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [g[:18] for g in groups], rotation=30, fontsize=7)
+        ax.set_ylabel("1 − mean cosine")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "diversity.png")
+        plt.close(fig)
+        names.append("diversity.png")
+    return names
+
+
+def write_report(out: Path, doc: dict, real_values: dict) -> None:
+    """``doc`` is the metrics.json content; plots and the markdown table are derived from it."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(out, doc, real_values)
+    slim = {
+        **doc,
+        "engines": {e: {k: v for k, v in r.items() if k != "generated_values"} for e, r in doc["engines"].items()},
+    }
+    with atomic_file(out / "metrics.json") as fh:
+        json.dump(slim, fh, indent=2, default=float)
+    lines = [
+        f"# Evaluation — {doc['split']} split ({doc['cases']} cases)",
+        "",
+        f"Embedding model: `{doc['embedding_model']}`. Candidate: `{doc['candidate']}`. "
+        "Automatic scores stand in for the judged ones (definitions in `diaggym.evaluation.auto`).",
+        "",
+        "| engine | " + " | ".join(t for _, t, _ in TABLE) + " |",
+        "|---|" + "---:|" * len(TABLE),
+        "| *better* | " + " | ".join(b for _, _, b in TABLE) + " |",
+    ]
+    real_row = {"num_var": None, "text_diversity": None}
+    for e, rep in doc["engines"].items():
+        m = rep["metrics"]
+        real_row["num_var"] = m.get("num_var_real")
+        real_row["text_diversity"] = m.get("text_diversity_real")
+        lines.append(f"| {e} | " + " | ".join(_fmt(m.get(k)) for k, _, _ in TABLE) + " |")
+    lines.append("| *real data* | " + " | ".join(_fmt(real_row.get(k)) for k, _, _ in TABLE) + " |")
+    lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Skipped (counted, with reasons)", ""]
+    any_skip = False
+    for e, rep in doc["engines"].items():
+        for reason, n in sorted(rep["skipped"].items()):
+            lines.append(f"- {e}: {reason}: {n}")
+            any_skip = True
+    if not any_skip:
+        lines.append("- nothing")
+    (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def log_to_mlflow(out: Path, doc: dict, card: dict | None, run_id: str | None, experiment: str) -> str:
+    """Log the numbers and the report folder; under ``run_id`` when given (e.g. the training run)."""
+    import mlflow
+
+    from diaggym.training.tracking import ensure_experiment, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    kwargs = {"run_id": run_id} if run_id else {"experiment_id": ensure_experiment(experiment)}
+    with mlflow.start_run(**kwargs) as run:
+        for e, rep in doc["engines"].items():
+            for k, v in rep["metrics"].items():
+                if isinstance(v, int | float) and v == v:
+                    mlflow.log_metric(f"eval.{e}.{k}".replace(" ", "_"), float(v))
+        mlflow.set_tag("diaggym.eval_split", doc["split"])
+        if card:
+            mlflow.log_dict(card, "dataset/card.json")
+        mlflow.log_artifacts(str(out), artifact_path="evaluation")
+        return run.info.run_id

