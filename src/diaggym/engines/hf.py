@@ -65,6 +65,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,19 @@ class PrefixCache:
             for li in range(n_layers)
         ]
 
+    @staticmethod
+    def copy_into(path: list[tuple[_Node, int]], length: int, dest: KV) -> None:
+        """Write the KV of the first ``length`` tokens of a matched path into ``dest`` (per layer, from column 0)."""
+        pos = 0
+        for node, n in path:
+            n = min(n, length - pos)
+            if n <= 0:
+                break
+            for (k, v), (dk, dv) in zip(node.kv, dest, strict=True):
+                dk[:, :, pos : pos + n] = k[:, :, :n]
+                dv[:, :, pos : pos + n] = v[:, :, :n]
+            pos += n
+
     def insert(self, ids: np.ndarray, kv: KV) -> None:
         """Store ``ids`` with ``kv`` (per layer ``[1, kv_heads, len(ids), head_dim]``); only new tokens are copied."""
         if not self.enabled or len(ids) == 0 or len(ids) > self.budget:
@@ -237,12 +251,35 @@ class PrefixCache:
         self.nodes = 0
 
 
-# --------------------------------------------------------------------------- decode-time KV buffer
-def _buffer_layer_class():
-    """A cache layer over a preallocated ``[B, kv_heads, capacity, head_dim]`` buffer, written in place."""
+# --------------------------------------------------------------------------- KV buffers and attention plans
+@dataclass
+class _Plan:
+    """How the attention of the forward in flight is laid out (set by the engine around each forward).
+
+    ``packed``: the prompt suffixes of several rows run as one sequence; ``segments`` are
+    ``(offset in the packed input, tokens, row length after them)`` and ``views[layer][i]`` the
+    buffer row of segment ``i`` (from the row's first column), so each segment attends to its own
+    row's cached prefix and causally to itself.  ``ragged``: batched one-token decode where row
+    ``b`` attends to columns ``starts[b]:`` of the buffer only (no padding read, no mask).
+    """
+
+    kind: str
+    segments: list[tuple[int, int, int]] = field(default_factory=list)
+    views: list[list[tuple[Any, Any]]] = field(default_factory=list)
+    masks: list[Any] = field(default_factory=list)  # per segment: [groups * n, end] bool, or None (no prefix)
+    starts: list[int] = field(default_factory=list)
+
+
+_PLAN: ContextVar[_Plan | None] = ContextVar("diaggym_attention_plan", default=None)
+
+
+def _cache_classes():
+    """Two cache layers over preallocated ``[B, kv_heads, capacity, head_dim]`` buffers, written in place."""
     from transformers.cache_utils import DynamicLayer
 
     class BufferLayer(DynamicLayer):
+        """The decode batch: appends in place (no ``torch.cat`` of the whole cache every token)."""
+
         is_croppable = False
 
         def __init__(self, keys, values, length: int) -> None:
@@ -279,44 +316,94 @@ def _buffer_layer_class():
             self.length -= first_col
             self._views()
 
-    return BufferLayer
+    class PackedLayer(DynamicLayer):
+        """A packed prefill: scatters each segment's new KV into its row of the buffer."""
+
+        is_croppable = False
+
+        def __init__(self, plan: _Plan, layer: int) -> None:
+            super().__init__()
+            self.plan, self.layer = plan, layer
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            for (off, n, end), (k, v) in zip(self.plan.segments, self.plan.views[self.layer], strict=True):
+                k[:, :, end - n : end] = key_states[:, :, off : off + n]
+                v[:, :, end - n : end] = value_states[:, :, off : off + n]
+            return key_states, value_states
+
+        def get_seq_length(self) -> int:
+            return 0
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return query_length, 0
+
+    return BufferLayer, PackedLayer
 
 
-# --------------------------------------------------------------------------- attention
 ATTN_IMPLEMENTATION = "diaggym_sdpa"
 
 
-def _grouped_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """SDPA that keeps grouped-query attention grouped when decoding with a padding mask.
+def _sdpa_grouped(q, k, v, mask, scale):
+    """Attention of ``q`` ``[1|B, heads, n, d]`` on ``k``/``v`` ``[.., kv_heads, L, d]`` with no KV-head copy.
+
+    The query heads that share a KV head are folded into the query axis (``[B, kv_heads,
+    groups * n, d]``), the same attention as repeating the KV heads, without the copy; ``mask``
+    is ``None`` or bool ``[groups * n, L]`` (or broadcastable to the folded scores).
+    """
+    import torch
+
+    b, heads, n, d = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    folded = q.reshape(b, kv_heads, groups * n, d)
+    out = torch.nn.functional.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, heads, n, d)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA following the engine's :class:`_Plan`; outside a plan, SDPA that keeps GQA grouped.
 
     transformers' SDPA path repeats the KV heads (``repeat_kv``: a full copy of the cache, per
     layer, per token) whenever a mask is given, which is every step of a left-padded batch; on CPU
-    that made a 32-row decode step ~6x slower.  For one query token the query heads that share a
-    KV head are folded into the query-length axis instead (``[B, kv_heads, groups, head_dim]``),
-    which is the same attention with no copy.  Everything else goes to the stock implementation.
+    that made a 32-row decode step ~6x slower.  Here the grouped heads are folded into the query
+    axis instead.  Calls the engine did not plan (training, ``model.generate``) go to the stock
+    implementation unless they are the masked one-token case.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    b, heads, q_len, dim = query.shape
-    kv_heads = key.shape[1]
-    if attention_mask is None or q_len != 1 or heads == kv_heads or attention_mask.dim() != 4:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    grouped = query.reshape(b, kv_heads, heads // kv_heads, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
-    )
-    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+    plan = _PLAN.get()
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if plan is not None and plan.kind == "packed":
+        outs = []
+        for (off, n, end), (k, v), mask in zip(plan.segments, plan.views[module.layer_idx], plan.masks, strict=True):
+            q = query[:, :, off : off + n]
+            if mask is None:  # no cached prefix: plain causal attention over the segment itself
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k[:, :, :end], v[:, :, :end], is_causal=True, scale=scaling, enable_gqa=heads != kv_heads
+                )
+            else:
+                out = _sdpa_grouped(q, k[:, :, :end], v[:, :, :end], mask, scaling)
+            outs.append(out)
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+    if plan is not None and plan.kind == "ragged" and query.shape[2] == 1:
+        outs = [
+            _sdpa_grouped(query[i : i + 1], key[i : i + 1, :, s:], value[i : i + 1, :, s:], None, scaling)
+            for i, s in enumerate(plan.starts)
+        ]
+        return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
+    if attention_mask is not None and query.shape[2] == 1 and heads != kv_heads and attention_mask.dim() == 4:
+        return _sdpa_grouped(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _use_grouped_sdpa(model) -> None:
-    """Register :func:`_grouped_sdpa` (and SDPA's mask builder) and switch ``model`` to it."""
+def _use_engine_attention(model) -> None:
+    """Register :func:`_attention` (with SDPA's mask builder) and switch ``model`` to it."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, _grouped_sdpa)
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     model.config._attn_implementation = ATTN_IMPLEMENTATION
 
@@ -335,7 +422,6 @@ class _Row:
     hit_eos: bool = False
     hit_stop: bool = False
     start: int = 0  # first column of this row in the decode buffer (left padding before it)
-    snapshot: tuple[np.ndarray, KV] | None = None
 
 
 class TransformersEngine(Engine):
@@ -355,7 +441,8 @@ class TransformersEngine(Engine):
         max_batch_size: int = 32,
         prefix_cache_tokens: int = 2_000_000,
         eos_token: str | None = None,
-        prefill_chunk: int = 2048,
+        prefill_chunk: int = 4096,
+        ragged_decode: bool | None = None,
         *,
         model: Any = None,
         tokenizer: Any = None,
@@ -392,8 +479,12 @@ class TransformersEngine(Engine):
             )
             self.model.to(self.device)
         self.model.eval()
-        if self.model.config._attn_implementation in ("sdpa", ATTN_IMPLEMENTATION):
-            _use_grouped_sdpa(self.model)
+        if self.model.config._attn_implementation not in ("sdpa", ATTN_IMPLEMENTATION):
+            raise InputError(
+                f"the engine needs SDPA attention; the model uses {self.model.config._attn_implementation!r}"
+            )
+        _use_engine_attention(self.model)
+        self.ragged_decode = self.device.type == "cpu" if ragged_decode is None else ragged_decode
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         self.eos_token = eos_token if eos_token is not None else self.tokenizer.eos_token
         eos_id = self.tokenizer.convert_tokens_to_ids(self.eos_token) if self.eos_token else None
@@ -402,7 +493,7 @@ class TransformersEngine(Engine):
         self.cache = PrefixCache(prefix_cache_tokens)
         self._lock = threading.Lock()
         self._seeds = random.SystemRandom()
-        self._buffer_layer = _buffer_layer_class()
+        self._buffer_layer, self._packed_layer = _cache_classes()
         self._stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completions": 0}
 
     # ------------------------------------------------------------------ public
@@ -455,58 +546,82 @@ class TransformersEngine(Engine):
             return None
         return p.seed if p.seed is not None else self._seeds.randrange(2**63)
 
+    def _kv_shape(self) -> tuple[int, int, int, Any]:
+        """(layers, kv heads, head dim, dtype) of the model's KV cache (Qwen2/Llama-style attention)."""
+        cfg = self.model.config.get_text_config(decoder=True)
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        dtype = next(self.model.parameters()).dtype
+        return cfg.num_hidden_layers, kv_heads, head_dim, dtype
+
     def _run_batch(self, rows: list[_Row]) -> list[Completion]:
         import torch
+        from transformers.cache_utils import Cache
 
         dev = self.device
-        # 1. per-sequence prefill on top of the longest cached prefix
-        kvs: list[KV] = []
-        last_logits = []
-        for row in rows:
+        # 1. one right-aligned KV buffer per layer, preallocated for the longest prompt + the most new tokens
+        b = len(rows)
+        width = max(len(r.ids) for r in rows)
+        cap = width + max(r.params.max_tokens for r in rows)
+        n_layers, kv_heads, head_dim, dtype = self._kv_shape()
+        bufs = [
+            (
+                torch.empty((b, kv_heads, cap, head_dim), dtype=dtype, device=dev),
+                torch.empty((b, kv_heads, cap, head_dim), dtype=dtype, device=dev),
+            )
+            for _ in range(n_layers)
+        ]
+        mask = torch.ones((b, cap), dtype=torch.long, device=dev)
+        # 2. the cached prefix of every row is copied into its part of the buffer (the only copy of the
+        #    history); a row whose prompt repeats an earlier row's waits for that row's prefill
+        row_views: list[KV] = []
+        first_of: dict[tuple[int, ...], int] = {}
+        copies: list[tuple[int, int]] = []
+        for r, row in enumerate(rows):
+            row.start = width - len(row.ids)
+            mask[r, : row.start] = 0
+            for k, v in bufs:
+                k[r, :, : row.start] = 0  # finite values under the mask (torch.empty could hold NaN)
+                v[r, :, : row.start] = 0
+            row_views.append([(k[r : r + 1, :, row.start :], v[r : r + 1, :, row.start :]) for k, v in bufs])
+            key = tuple(row.ids)
+            if self.cache.enabled and key in first_of:
+                copies.append((r, first_of[key]))
+                row.cached = len(row.ids) - 1  # nothing is computed for it; the last token counts as new
+                continue
+            first_of[key] = r
             ids = np.asarray(row.ids, dtype=np.int64)
             path = self.cache.lookup(ids)
             # at least one token must run through the model to give the next-token logits
             row.cached = min(sum(n for _, n in path), len(ids) - 1)
-            prefix = self.cache.gather(path, row.cached) if row.cached > 0 else None
-            kv, logits = self._prefill(row.ids, prefix, row.cached)
-            del prefix
-            self.cache.insert(ids, kv)
-            kvs.append(kv)
-            last_logits.append(logits)
+            if row.cached > 0:
+                self.cache.copy_into(path, row.cached, row_views[r])
+        # 3. the new suffixes of all rows, packed into as few forwards as the chunk size allows
+        todo = [r for r in range(b) if r not in dict(copies)]
+        last_logits = self._prefill_packed(rows, todo, row_views)
+        for r, src in copies:
+            for (k, v), (sk, sv) in zip(row_views[r], row_views[src], strict=True):
+                k[:, :, : len(rows[r].ids)] = sk[:, :, : len(rows[src].ids)]
+                v[:, :, : len(rows[r].ids)] = sv[:, :, : len(rows[src].ids)]
+            last_logits[r] = last_logits[src]
+        for r in todo:
+            n = len(rows[r].ids)
+            self.cache.insert(
+                np.asarray(rows[r].ids, dtype=np.int64), [(k[:, :, :n], v[:, :, :n]) for k, v in row_views[r]]
+            )
+        del row_views
+        for row in rows:
             if row.seed is not None:
                 g = torch.Generator(device=dev).manual_seed(row.seed)
                 row.uniforms = torch.rand(row.params.max_tokens, generator=g, device=dev, dtype=torch.float32)
-        # 2. right-aligned decode buffer, preallocated for the longest prompt + the most new tokens
-        b = len(rows)
-        width = max(len(r.ids) for r in rows)
-        cap = width + max(r.params.max_tokens for r in rows)
-        layers = []
-        for li in range(len(kvs[0])):
-            k0 = kvs[0][li][0]
-            shape = (b, k0.shape[1], cap, k0.shape[3])
-            buf_k = torch.empty(shape, dtype=k0.dtype, device=dev)
-            buf_v = torch.empty(shape, dtype=k0.dtype, device=dev)
-            for r, row in enumerate(rows):
-                pad = width - len(row.ids)
-                k, v = kvs[r][li]
-                buf_k[r, :, pad:width] = k[0]
-                buf_v[r, :, pad:width] = v[0]
-                if pad:
-                    buf_k[r, :, :pad] = 0  # finite values under the mask (garbage could be NaN)
-                    buf_v[r, :, :pad] = 0
-            layers.append(self._buffer_layer(buf_k, buf_v, width))
-        del kvs
-        from transformers.cache_utils import Cache
-
+        layers = [self._buffer_layer(k, v, width) for k, v in bufs]
+        del bufs
         cache = Cache(layers=layers)
-        mask = torch.ones((b, cap), dtype=torch.long, device=dev)
-        for r, row in enumerate(rows):
-            row.start = width - len(row.ids)
-            mask[r, : row.start] = 0
         positions = torch.tensor([len(r.ids) for r in rows], dtype=torch.long, device=dev)
-        logits = torch.stack(last_logits)
+        logits = torch.stack([last_logits[r] for r in range(b)])
         active = list(range(b))  # batch position -> row
-        # 3. decode: sample, check stops, forward the live batch one token
+        # 4. decode: sample, check stops, forward the live batch one token
         while True:
             tokens = self._sample(logits, [rows[r] for r in active])
             for bpos, r in enumerate(active):
@@ -516,8 +631,7 @@ class TransformersEngine(Engine):
                 row.gen.append(tokens[bpos])
                 if self._finished(row):
                     row.done = True
-                    if self.cache.enabled:
-                        row.snapshot = self._snapshot(row, layers, bpos)
+                    self._keep(row, layers, bpos)
             live = [bpos for bpos, r in enumerate(active) if not rows[r].done]
             if not live:
                 break
@@ -533,48 +647,93 @@ class TransformersEngine(Engine):
                 for r in active:
                     rows[r].start -= first
             length = layers[0].length
-            out = self.model(
-                input_ids=torch.tensor(tokens, dtype=torch.long, device=dev)[:, None],
-                attention_mask=mask[:, : length + 1],
-                position_ids=positions[:, None],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            plan = _Plan("ragged", starts=[rows[r].start for r in active]) if self.ragged_decode else None
+            token = _PLAN.set(plan)
+            try:
+                out = self.model(
+                    input_ids=torch.tensor(tokens, dtype=torch.long, device=dev)[:, None],
+                    attention_mask=None if plan is not None else mask[:, : length + 1],
+                    position_ids=positions[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            finally:
+                _PLAN.reset(token)
             logits = out.logits[:, -1, :]
             positions = positions + 1
-        del layers, cache
-        # 4. keep prompt + generated KV for the next step of the chain; build the completions
-        completions = []
-        for row in rows:
-            if row.snapshot is not None:
-                self.cache.insert(*row.snapshot)
-                row.snapshot = None
-            completions.append(self._completion(row))
-        return completions
+        return [self._completion(row) for row in rows]
 
-    def _prefill(self, ids: list[int], prefix: KV | None, reuse: int) -> tuple[KV, Any]:
-        """Run ``ids[reuse:]`` on top of ``prefix`` (the KV of ``ids[:reuse]``); (KV of all of ``ids``, last logits)."""
+    def _prefill_packed(self, rows: list[_Row], todo: list[int], row_views: list[KV]) -> dict[int, Any]:
+        """Run the uncached suffix of every row in ``todo``; {row: logits after its last prompt token}.
+
+        Suffixes are concatenated into one sequence per forward (at most ``prefill_chunk`` tokens; a
+        longer suffix is split across forwards), with true position ids; :class:`_Plan` tells the
+        attention which row each segment belongs to.  Linear layers thus run once on all new tokens
+        instead of once per row.
+        """
         import torch
-        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
 
-        cache = DynamicCache()
-        if prefix is not None:
-            for li, (k, v) in enumerate(prefix):
-                cache.update(k, v, li)
         dev = self.device
-        logits = None
-        for lo in range(reuse, len(ids), self.prefill_chunk):
-            chunk = ids[lo : lo + self.prefill_chunk]
-            out = self.model(
-                input_ids=torch.tensor([chunk], dtype=torch.long, device=dev),
-                position_ids=torch.arange(lo, lo + len(chunk), device=dev)[None, :],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = out.logits[0, -1, :]
-        return [(layer.keys, layer.values) for layer in cache.layers], logits
+        pieces: list[tuple[int, int, int]] = []  # (row, lo, hi) token ranges of the rows' prompts
+        for r in todo:
+            lo, n = rows[r].cached, len(rows[r].ids)
+            pieces.extend((r, a, min(a + self.prefill_chunk, n)) for a in range(lo, n, self.prefill_chunk))
+        groups: list[list[tuple[int, int, int]]] = [[]]
+        size = 0
+        for piece in pieces:
+            if groups[-1] and size + piece[2] - piece[1] > self.prefill_chunk:
+                groups.append([])
+                size = 0
+            groups[-1].append(piece)
+            size += piece[2] - piece[1]
+        logits: dict[int, Any] = {}
+        n_layers = len(row_views[0]) if row_views else 0
+        for group in groups:
+            if not group:
+                continue
+            plan = _Plan("packed", views=[[] for _ in range(n_layers)])
+            ids: list[int] = []
+            positions: list[int] = []
+            last: list[tuple[int, int]] = []  # (row, index in the packed input) where a row's prompt ends
+            groups_per_head = None
+            for r, lo, hi in group:
+                off = len(ids)
+                ids.extend(rows[r].ids[lo:hi])
+                positions.extend(range(lo, hi))
+                plan.segments.append((off, hi - lo, hi))
+                for li in range(n_layers):
+                    plan.views[li].append(row_views[r][li])
+                if lo == 0:
+                    plan.masks.append(None)
+                else:
+                    if groups_per_head is None:
+                        cfg = self.model.config.get_text_config(decoder=True)
+                        kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+                        groups_per_head = cfg.num_attention_heads // kv
+                    q_pos = torch.arange(lo, hi, device=dev)
+                    allowed = torch.arange(hi, device=dev)[None, :] <= q_pos[:, None]  # causal, bottom-right
+                    plan.masks.append(allowed.repeat(groups_per_head, 1))
+                if hi == len(rows[r].ids):
+                    last.append((r, len(ids) - 1))
+            cache = Cache(layers=[self._packed_layer(plan, li) for li in range(n_layers)])
+            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # 4-D: mask building is skipped
+            token = _PLAN.set(plan)
+            try:
+                out = self.model(
+                    input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
+                    attention_mask=placeholder,
+                    position_ids=torch.tensor([positions], dtype=torch.long, device=dev),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=torch.tensor([i for _, i in last], dtype=torch.long, device=dev),
+                )
+            finally:
+                _PLAN.reset(token)
+            for j, (r, _) in enumerate(last):
+                logits[r] = out.logits[0, j, :]
+        return logits
 
     def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
         """One token per row: argmax for greedy rows, seeded top-p inverse-CDF sampling for the others."""
@@ -612,16 +771,19 @@ class TransformersEngine(Engine):
                 return True
         return len(row.gen) >= row.params.max_tokens
 
-    def _snapshot(self, row: _Row, layers: list, bpos: int) -> tuple[np.ndarray, KV]:
-        """KV of prompt + generated tokens (all but the last, which was never run) of one row."""
+    def _keep(self, row: _Row, layers: list, bpos: int) -> None:
+        """Put prompt + generated tokens of a finished row in the prefix cache (only its new tokens are copied).
+
+        The last token is left out: it was sampled but never run, so it has no KV.
+        """
+        if not self.cache.enabled:
+            return
         n = len(row.ids) + len(row.gen) - 1
         ids = np.asarray(row.ids + row.gen[:-1], dtype=np.int64)
         sl = slice(row.start, row.start + n)
-        kv = [
-            (layer.buf_k[bpos : bpos + 1, :, sl].clone(), layer.buf_v[bpos : bpos + 1, :, sl].clone())
-            for layer in layers
-        ]
-        return ids, kv
+        self.cache.insert(
+            ids, [(layer.buf_k[bpos : bpos + 1, :, sl], layer.buf_v[bpos : bpos + 1, :, sl]) for layer in layers]
+        )
 
     def _completion(self, row: _Row) -> Completion:
         gen = row.gen[:-1] if row.hit_eos else row.gen
