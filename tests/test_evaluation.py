@@ -1,0 +1,78 @@
+"""`diaggym evaluate` on the demo: baselines in one table, skips counted, report and MLflow written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diaggym.cases import load_cases
+from diaggym.engines import make_engine
+from diaggym.engines.openai_compat import OpenAIEngine
+from diaggym.errors import InputError
+from diaggym.evaluation.run import EvalSettings, evaluate
+from tests.openai_server import CompletionsServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def setup(demo_out):
+    cases_dir, _ = demo_out
+    return cases_dir, load_cases(cases_dir, split="train")
+
+
+def test_baselines_report_metrics_plots_and_mlflow(setup, tmp_path, monkeypatch):
+    import mlflow
+
+    cases_dir, train = setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    engines = {b: make_engine(b, cases=train, seed=0) for b in ("marginal", "normal", "median")}
+    doc = evaluate(
+        str(cases_dir),
+        str(tmp_path / "rep"),
+        engines,
+        settings=EvalSettings(max_cases=3, max_exams=6, exam_samples=2),
+        candidate="marginal",
+    )
+    metrics = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert metrics["schema"] == "diaggym.eval/1" and set(metrics["engines"]) == {"marginal", "normal", "median"}
+    for rep in metrics["engines"].values():
+        m = rep["metrics"]
+        assert m["format_stop_rate"] == 1.0 and m["format_parse_rate"] == 1.0  # baselines always well-formed
+        assert 0 <= m["auto_similarity"] <= 5 and m["auto_consistency"] is not None
+        assert any("num_wdist" in k for k in rep["skipped"])  # 3 cases cannot give 30 values: counted, not NaN
+    assert metrics["engines"]["median"]["metrics"]["num_var"] == pytest.approx(0.0)  # a constant predictor
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "| marginal |" in report and "## Skipped" in report and "![wdist.png](wdist.png)" in report
+    assert (tmp_path / "rep" / "wdist.png").read_bytes()[:4] == b"\x89PNG"
+    client = mlflow.MlflowClient()
+    run = client.get_run(doc["mlflow_run_id"])
+    assert "eval.marginal.auto_similarity" in run.data.metrics
+    assert "evaluation" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_junk_endpoint_is_counted_not_scored(setup, tmp_path):
+    cases_dir, train = setup
+    with CompletionsServer(make_engine("marginal", cases=train)) as server:
+        junk = OpenAIEngine(server.base_url, "junk", timeout=2, max_retries=0)
+        good = make_engine("median", cases=train)
+        doc = evaluate(
+            str(cases_dir),
+            str(tmp_path / "rep"),
+            {"junk": junk, "median": good},
+            settings=EvalSettings(max_cases=2, max_exams=3, exam_samples=1),
+            mlflow=False,
+        )
+    skipped = doc["engines"]["junk"]["skipped"]
+    assert skipped.get("step: engine error (bad_response)", 0) >= 2
+    assert doc["engines"]["junk"]["metrics"]["step_generations"] == 0
+    assert doc["engines"]["median"]["metrics"]["step_generations"] > 0
+
+
+def test_nothing_evaluable_is_an_error(setup, tmp_path):
+    cases_dir, train = setup
+    with pytest.raises(InputError, match="split is empty"):
+        evaluate(
+            str(cases_dir), str(tmp_path / "r"), {"m": make_engine("median", cases=train)}, split="nope", mlflow=False
+        )
