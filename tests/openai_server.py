@@ -123,6 +123,31 @@ class CompletionsServer:
         async def models() -> dict:
             return {"object": "list", "data": [{"id": "marginal", "object": "model", "owned_by": "diaggym-tests"}]}
 
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> JSONResponse:
+            # A scripted judge: model "judge-N" answers "Score: N" / "Verdict: PASS"; "judge-garbage" rambles.
+            body = await request.json()
+            model = str(body.get("model", ""))
+            prompt = str(body.get("messages", [{}])[-1].get("content", ""))
+            if model == "judge-garbage":
+                content = "Well, it depends on many factors; I'd say fairly similar overall."
+            elif "Verdict:" in prompt:
+                content = "Verdict: PASS\nReason: coherent."
+            else:
+                content = f"Score: {model.removeprefix('judge-')}\nReason: scripted."
+            with self._lock:
+                self.log.append(Logged(model=model, status=200, time=time.monotonic()))
+            message = {"role": "assistant", "content": content}
+            return JSONResponse(
+                {
+                    "id": "chat-1",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                }
+            )
+
         @app.post("/v1/completions")
         async def completions(request: Request) -> JSONResponse:
             with self._lock:

@@ -76,3 +76,35 @@ def test_nothing_evaluable_is_an_error(setup, tmp_path):
         evaluate(
             str(cases_dir), str(tmp_path / "r"), {"m": make_engine("median", cases=train)}, split="nope", mlflow=False
         )
+
+
+def test_judge_scores_and_counts_garbage(setup, tmp_path):
+    from diaggym.evaluation.judge import Judge
+
+    cases_dir, train = setup
+    settings = EvalSettings(max_cases=2, max_exams=3, exam_samples=1, judge_samples=4)
+    with CompletionsServer(make_engine("marginal", cases=train)) as server:
+        good = evaluate(
+            str(cases_dir),
+            str(tmp_path / "a"),
+            {"median": make_engine("median", cases=train)},
+            settings=settings,
+            mlflow=False,
+            judge=Judge(server.base_url, "judge-4", attempts=2),
+        )
+        bad_judge = Judge(server.base_url, "judge-garbage", attempts=2)
+        bad = evaluate(
+            str(cases_dir),
+            str(tmp_path / "b"),
+            {"median": make_engine("median", cases=train)},
+            settings=settings,
+            mlflow=False,
+            judge=bad_judge,
+        )
+    m = good["engines"]["median"]["metrics"]
+    assert m["similarity"] == 4.0 and m["similarity_judged"] == 4 and m["consistency"] == 1.0
+    mb = bad["engines"]["median"]
+    assert mb["metrics"]["similarity"] is None  # garbage is never turned into a score
+    assert mb["skipped"]["judge: similarity not judged (judge failed)"] == 4
+    assert bad_judge.failures["unparseable answer"] == 2 * (4 + 2)  # 2 attempts each for 4 steps + 2 chains
+    assert "Judge `judge-garbage`" in (tmp_path / "b" / "report.md").read_text()

@@ -10,6 +10,8 @@ import numpy as np
 from diaggym.atomic import atomic_file
 
 TABLE = [  # (metric key, column title, better)
+    ("similarity", "Similarity (judge, 0–5)", "higher"),
+    ("consistency", "Consistency (judge)", "higher"),
     ("format_stop_rate", "stops at <SEP>", "higher"),
     ("format_parse_rate", "parses", "higher"),
     ("analyte_overlap", "analyte overlap", "higher"),
@@ -120,6 +122,13 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
             any_skip = True
     if not any_skip:
         lines.append("- nothing")
+    if doc.get("judge"):
+        j = doc["judge"]
+        lines += [
+            "",
+            f"Judge `{j['model']}`: {j['calls']} calls; failures: "
+            + (", ".join(f"{k} {v}" for k, v in j["failures"].items()) or "none"),
+        ]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

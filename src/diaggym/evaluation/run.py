@@ -27,8 +27,9 @@ from diaggym.cases import Case
 from diaggym.engines import Engine, EngineError, SamplingParams
 from diaggym.engines.baselines import ExamCatalog
 from diaggym.evaluation import auto
+from diaggym.evaluation.judge import Judge
 from diaggym.metrics import num_var, num_wdist, text_diversity, text_fid
-from diaggym.serialization import case_events
+from diaggym.serialization import case_events, render_result
 from diaggym.simulator import SimRequest, SimResult, Simulator
 
 EVAL_SCHEMA = "diaggym.eval/1"
@@ -43,6 +44,7 @@ class EvalSettings:
     max_tokens: int = 512
     temperature: float = 1.0
     seed: int = 0
+    judge_samples: int = 50  # step results and chains per engine sent to the judge (when one is configured)
 
 
 @dataclass
@@ -95,6 +97,7 @@ def evaluate_engine(
     catalog: ExamCatalog,
     settings: EvalSettings,
     embedder: Embedder | None,
+    judge: Judge | None = None,
 ) -> EngineReport:
     """Run the three levels for one engine; returns raw metrics and what was skipped."""
     rep = EngineReport(name)
@@ -109,6 +112,7 @@ def evaluate_engine(
     sims: list[float] = []
     zs: list[float] = []
     text_pairs: list[tuple[str, str]] = []
+    judged: list[tuple[str, str, str]] = []  # (exam, real text, generated text) for the judge
     t0 = time.perf_counter()
     for ci, case in enumerate(cases):
         events = case_events(case)[: settings.max_exams]
@@ -123,6 +127,8 @@ def evaluate_engine(
                 continue
             n_gen += 1
             n_stop += res.finish_reason == "stop"
+            if len(judged) < settings.judge_samples:
+                judged.append((exam.name, render_result(exam), res.result))
             if exam.items is not None:
                 ok = bool(res.items) and res.complete
                 real_names = {i.name for i in exam.items}
@@ -165,8 +171,23 @@ def evaluate_engine(
         passed = [auto.chain_consistency(catalog, [(r.exam, r.items) for r in ch])[0] for ch in chains]
         rep.metrics["auto_consistency"] = float(np.mean(passed)) if passed else None
         rep.metrics["seconds_per_case"] = (time.perf_counter() - t0) / len(cases) if cases else None
+        if judge is not None:
+            verdicts = [
+                judge.consistency(c.final_diagnosis, [(r.exam, r.result) for r in ch])
+                for c, ch in list(zip(cases, chains, strict=True))[: settings.judge_samples]
+            ]
+            ok = [v for v in verdicts if v is not None]
+            rep.metrics["consistency"] = float(np.mean(ok)) if ok else None
+            rep.metrics["consistency_judged"] = len(ok)
+            rep.skipped["judge: consistency not judged (judge failed)"] += len(verdicts) - len(ok)
     except EngineError as err:
         rep.skipped[f"chain: engine error ({err.reason})"] += len(cases)
+    if judge is not None:
+        scores = [judge.similarity(e, r, g) for e, r, g in judged]
+        ok_scores = [s for s in scores if s is not None]
+        rep.metrics["similarity"] = float(np.mean(ok_scores)) if ok_scores else None
+        rep.metrics["similarity_judged"] = len(ok_scores)
+        rep.skipped["judge: similarity not judged (judge failed)"] += len(scores) - len(ok_scores)
 
     # ---- exam level (no history)
     counts = Counter(e.name for c in cases for e in c.exams if e.kind != "physical")
@@ -241,6 +262,7 @@ def evaluate(
     mlflow: bool = True,
     mlflow_run_id: str | None = None,
     experiment: str = "diaggym-evaluation",
+    judge: Judge | None = None,
 ) -> dict:
     """Evaluate ``engines`` (name → engine) on ``split``; writes metrics.json, report.md and plots to ``out``."""
     import json
@@ -269,7 +291,7 @@ def evaluate(
         "engines": {},
     }
     for name, engine in engines.items():
-        rep = evaluate_engine(name, engine, cases, catalog, settings, embedder)
+        rep = evaluate_engine(name, engine, cases, catalog, settings, embedder, judge)
         distribution_metrics(rep, real_values, real_texts, embedder)
         fallbacks = getattr(engine, "fallbacks", None)
         if fallbacks:
@@ -279,6 +301,8 @@ def evaluate(
             "skipped": dict(rep.skipped),
             "generated_values": {k: list(v) for k, v in rep.generated_values.items()},
         }
+    if judge is not None:
+        doc["judge"] = {"model": judge.model, "calls": judge.calls, "failures": dict(judge.failures)}
     if not any(r["metrics"].get("step_generations") for r in doc["engines"].values()):
         raise InputError("no engine produced a single generation: nothing could be evaluated")
     outp = Path(out)
