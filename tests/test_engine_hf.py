@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from diaggym.cases import SEP
+from diaggym.cases import SEP, load_cases
 from diaggym.engines.base import EngineError, SamplingParams, cut_at_stop
 from diaggym.engines.hf import PrefixCache, TransformersEngine
 from diaggym.model.base import init_base
@@ -27,8 +27,9 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cases(demo_result):
-    return sorted(demo_result.cases, key=lambda c: (-len(c.exams), c.case_id))
+def cases(demo_out):
+    out, _card = demo_out
+    return sorted(load_cases(out / "cases.jsonl"), key=lambda c: (-len(c.exams), c.case_id))
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +114,17 @@ def engine(path: Path, **kw) -> TransformersEngine:
 
 
 # --------------------------------------------------------------------------- batching
-def test_greedy_batched_equals_one_by_one_and_plain_generate(scrambled, mixed_prompts):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"ragged_decode": False}, {"ragged_decode": True, "prefill_chunk": 50}],
+    ids=["default", "padded-decode", "ragged-decode-small-chunks"],
+)
+def test_greedy_batched_equals_one_by_one_and_plain_generate(scrambled, mixed_prompts, options):
     # different max_tokens per row: rows finish at different steps, so the batch is compacted
-    # (the longest prompt finishes first, so leading padding columns are dropped too)
-    params = [
-        SamplingParams(max_tokens=n, temperature=0.0, stop=()) for n in (6, 24, 20, 16)
-    ]  # no stops: compare raw text
-    batched = engine(scrambled, prefix_cache_tokens=0).generate(mixed_prompts, params)
+    # (the longest prompt finishes first, so leading padding columns are dropped too); the padded
+    # decode is what runs on GPUs, small chunks split prompts over several packed forwards
+    params = [SamplingParams(max_tokens=n, temperature=0.0, stop=()) for n in (6, 24, 20, 16)]  # raw text
+    batched = engine(scrambled, prefix_cache_tokens=0, **options).generate(mixed_prompts, params)
     single_engine = engine(scrambled, prefix_cache_tokens=0)
     single = [single_engine.generate([p], [sp])[0] for p, sp in zip(mixed_prompts, params, strict=True)]
     assert [c.text for c in batched] == [c.text for c in single]
@@ -185,7 +190,7 @@ def _own_output_chain(e: TransformersEngine, case, steps: int) -> list:
 
 def test_prefix_reuse_on_true_history_chain_matches_uncached(scrambled, cases, chain):
     other = case_prompts(cases[1])[:6]
-    cached, fresh = engine(scrambled), engine(scrambled, prefix_cache_tokens=0)
+    cached, fresh = engine(scrambled, prefill_chunk=64), engine(scrambled, prefix_cache_tokens=0)
     got, ref = [], []
     for k in range(6):  # two chains advance together, one batched call per step
         got.append(cached.generate([chain[k], other[k]], GREEDY))
