@@ -26,6 +26,16 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 
 
 # --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine torch's thread
+    pool can make them 50x slower (spinning workers contending with other processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cases(demo_out):
     out, _card = demo_out
@@ -102,8 +112,7 @@ def stopper(scrambled, tmp_path_factory, mixed_prompts) -> tuple[Path, str]:
     gen = hf_greedy_ids(scrambled, prompt, 12)
     x = next(t for j, t in enumerate(gen) if j >= 4 and t not in gen[:j])
 
-    def edit(model) -> None:
-        _scramble(model)
+    def edit(model) -> None:  # ``model`` is the scrambled one, loaded back
         model.lm_head.weight[sep_id] = 1.3 * model.lm_head.weight[x]
 
     return _save_variant(scrambled, tmp_path_factory.mktemp("hf") / "stopper", edit), prompt
@@ -337,3 +346,83 @@ def test_prompt_too_long_is_an_error_not_truncation(tiny):
     # exactly at the limit it runs
     c = e.generate([text], SamplingParams(max_tokens=limit - n, temperature=0.0, stop=()))[0]
     assert c.prompt_tokens == n and c.completion_tokens == limit - n
+
+
+# --------------------------------------------------------------------------- attention plans
+def test_attention_plans_match_reference_attention():
+    """The engine's attention layouts against plain per-row SDPA, with garbage in the padding."""
+    from types import SimpleNamespace
+
+    from diaggym.engines.hf import _PLAN, _attention, _Plan
+
+    torch.manual_seed(0)
+    heads, kv_heads, d, scale = 8, 2, 16, 0.25
+    module = SimpleNamespace(layer_idx=0, num_key_value_groups=heads // kv_heads, is_causal=True)
+
+    def ref(q, k, v, causal_offset=None):  # q [1, H, n, d], k/v [1, KVH, L, d]
+        k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+        n, length = q.shape[2], k.shape[2]
+        mask = torch.arange(length)[None, :] <= (length - n + torch.arange(n))[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    # one-token decode over right-aligned rows of different lengths; pads hold large random values
+    starts, length = [0, 5, 11], 20
+    k = torch.randn(3, kv_heads, length, d) * 5
+    v = torch.randn(3, kv_heads, length, d) * 5
+    q = torch.randn(3, heads, 1, d)
+    expected = torch.cat([ref(q[i : i + 1], k[i : i + 1, :, s:], v[i : i + 1, :, s:]) for i, s in enumerate(starts)])
+    token = _PLAN.set(_Plan("ragged", starts=starts))
+    try:
+        ragged, _ = _attention(module, q, k, v, None, scaling=scale)
+    finally:
+        _PLAN.reset(token)
+    mask = (torch.arange(length)[None, :] >= torch.tensor(starts)[:, None])[:, None, None, :]
+    padded, _ = _attention(module, q, k, v, mask, scaling=scale)
+    for got in (ragged, padded):
+        assert got.shape == (3, 1, heads, d)
+        torch.testing.assert_close(got.transpose(1, 2), expected)
+
+    # packed prefill: row A has 6 cached tokens + 4 new ones, row B 5 new ones and no cache
+    bufs = [(torch.randn(1, kv_heads, 12, d), torch.randn(1, kv_heads, 12, d)) for _ in range(2)]
+    q = torch.randn(1, heads, 9, d)
+    new_k, new_v = torch.randn(1, kv_heads, 9, d), torch.randn(1, kv_heads, 9, d)
+    for (bk, bv), (off, n, end) in zip(bufs, [(0, 4, 10), (4, 5, 5)], strict=True):
+        bk[:, :, end - n : end], bv[:, :, end - n : end] = new_k[:, :, off : off + n], new_v[:, :, off : off + n]
+    groups = heads // kv_heads
+    allowed = torch.arange(10)[None, :] <= torch.arange(6, 10)[:, None]
+    plan = _Plan("packed", segments=[(0, 4, 10), (4, 5, 5)], views=[bufs], masks=[allowed.repeat(groups, 1), None])
+    token = _PLAN.set(plan)
+    try:
+        packed, _ = _attention(module, q, new_k, new_v, None, scaling=scale)
+    finally:
+        _PLAN.reset(token)
+    expected = torch.cat(
+        [ref(q[:, :, :4], *(x[:, :, :10] for x in bufs[0])), ref(q[:, :, 4:], *(x[:, :, :5] for x in bufs[1]))], dim=2
+    )
+    torch.testing.assert_close(packed.transpose(1, 2), expected)
+
+
+def test_ragged_decode_reads_exactly_each_rows_columns(scrambled, mixed_prompts):
+    """Every decode step, row b attends from its first real column: the one before is padding (zeros)."""
+    from transformers import AttentionInterface
+
+    from diaggym.engines import hf
+
+    e = engine(scrambled, prefix_cache_tokens=0, ragged_decode=True)
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        plan = hf._PLAN.get()
+        if plan is not None and plan.kind == "ragged" and module.layer_idx == 0:
+            for i, s in enumerate(plan.starts):
+                assert key[i, :, s].abs().sum() > 0
+                assert s == 0 or key[i, :, :s].abs().sum() == 0
+            seen.append(len(plan.starts))
+        return hf._attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(hf.ATTN_IMPLEMENTATION, spy)
+    try:
+        e.generate(mixed_prompts, [SamplingParams(max_tokens=n, temperature=0.0, stop=()) for n in (3, 12, 9, 6)])
+    finally:
+        AttentionInterface.register(hf.ATTN_IMPLEMENTATION, hf._attention)
+    assert seen[0] == 4 and seen[-1] < 4  # the batch was compacted on the way
