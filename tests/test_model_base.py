@@ -47,7 +47,7 @@ def test_loads_like_any_hf_model_and_tokenizes_as_specified(base):
     assert [p for p in pieces if any(ch.isdigit() for ch in p)] == ["1", "2", "3", "4", "5"]  # one digit per token
     text = "Hemoglobin: Value: 10.1; Numeric Value: 10.1; Units: g/dL<SEP>"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
-    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)  # unused rows are fine, as in Qwen2.5
 
 
 def test_deterministic_in_seed(base, tmp_path):
