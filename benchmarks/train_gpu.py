@@ -123,13 +123,12 @@ def train_part(args, work: Path, cases: Path) -> dict:
 
 def engine_part(args, work: Path, cases: Path) -> dict:
     preset = "tiny" if args.smoke else "qwen2.5-7b-shape"
-    base = build_base(cases, work, preset)
     out = work / "chain.json"
-    cmd = [
+    cmd = [  # chain.py builds the random 7B-shaped model in memory (no 15 GB of weights on disk)
         sys.executable,
         str(ROOT / "benchmarks" / "chain.py"),
-        "--model",
-        str(base),
+        "--preset",
+        preset,
         "--cases",
         str(cases),
         "--n-cases",
