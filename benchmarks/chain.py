@@ -22,6 +22,12 @@ slow machine ``--baseline-cases`` runs it on an evenly spaced subset of the case
 time is the sum of per-case times; the JSON says so (``baseline.extrapolated``) and
 gives the subset's mean prompt length next to the full set's.
 
+Timing: by default the two paths are **interleaved** step by step (engine step *k*, then
+the baseline's step *k* of its cases), each with its own clock, so that background load on a
+shared machine hits both alike; ``--no-interleave`` runs the engine to the end first.  On a
+busy 2-core machine use ``--threads 1``: torch's intra-op thread pool contending with other
+processes can slow small models down many times over.
+
 Equality: each (case, step) the baseline ran is compared with the engine's text for
 the same prompt; the counts of equal and different outputs are reported.  With a
 random base both paths mostly repeat one token until ``max_tokens``, so equality is
@@ -35,7 +41,7 @@ run avoids writing 15 GB of random weights).
 
 Usage::
 
-    .venv/bin/python benchmarks/chain.py --preset-dir /tmp/hf-base-small --baseline-cases 4
+    .venv/bin/python benchmarks/chain.py --preset-dir /tmp/hf-base-small --baseline-cases 4 --threads 1
     python benchmarks/chain.py --preset qwen2.5-7b-shape --device cuda --dtype bfloat16 --baseline-cases 4
 """
 
@@ -125,67 +131,84 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(engine, chains: list[list[str]], params: SamplingParams, device: str) -> dict:
+def baseline_one(model, tokenizer, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """(text, prompt tokens) of one prompt through plain ``model.generate`` at batch 1, greedy."""
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        stop_strings=[SEP],
+        tokenizer=tokenizer,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    raw = tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    return cut_at_stop(raw, (SEP,), tokenizer.eos_token)[0], enc.input_ids.shape[1]
+
+
+def run(engine, chains: list[list[str]], subset: list[int], params: SamplingParams, device: str, interleave: bool):
+    """Time the engine (all chains, one batched call per step) and the baseline (``subset``, one call per prompt).
+
+    Interleaved (the default), step *k* of the engine is followed by step *k* of the baseline, so
+    both see the same background load over time (the development machine is shared); otherwise
+    the engine runs all steps first.  Each side's clock runs only during its own work.
+    """
+    import torch
+
+    model, tokenizer = engine.model, engine.tokenizer
     n_steps = len(chains[0])
-    texts: list[list[str]] = [[] for _ in chains]
+    eng_texts: list[list[str]] = [[] for _ in chains]
+    base_texts: list[list[str]] = [[] for _ in subset]
     finish: dict[str, int] = {}
-    step_s = []
+    step_s: list[float] = []
+    eng_s = base_s = 0.0
     before = dict(engine.stats)
-    sync(device)
-    t0 = time.perf_counter()
-    for k in range(n_steps):
-        ts = time.perf_counter()
+
+    def engine_step(k: int) -> None:
+        nonlocal eng_s
+        sync(device)
+        t = time.perf_counter()
         out = engine.generate([ch[k] for ch in chains], params)
         sync(device)
-        step_s.append(time.perf_counter() - ts)
+        step_s.append(time.perf_counter() - t)
+        eng_s += step_s[-1]
         for i, c in enumerate(out):
-            texts[i].append(c.text)
+            eng_texts[i].append(c.text)
             finish[c.finish_reason] = finish.get(c.finish_reason, 0) + 1
-        if k % 5 == 4 or k == n_steps - 1:
-            print(f"  engine: step {k + 1}/{n_steps} done, {time.perf_counter() - t0:.1f} s", flush=True)
-    seconds = time.perf_counter() - t0
+
+    def baseline_step(k: int) -> None:
+        nonlocal base_s
+        sync(device)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for j, i in enumerate(subset):
+                base_texts[j].append(baseline_one(model, tokenizer, chains[i][k], params.max_tokens)[0])
+        sync(device)
+        base_s += time.perf_counter() - t
+
+    order = [(k, side) for k in range(n_steps) for side in ("engine", "baseline")]
+    if not interleave:
+        order = sorted(order, key=lambda x: x[1] == "baseline")
+    for k, side in order:
+        if side == "engine":
+            engine_step(k)
+        elif subset:
+            baseline_step(k)
+        if (side == "baseline" or not subset) and (k % 5 == 4 or k == n_steps - 1):
+            print(f"  step {k + 1}/{n_steps}: engine {eng_s:.1f} s, baseline {base_s:.1f} s", flush=True)
     stats = {k: v - before.get(k, 0) for k, v in engine.stats.items()}
-    return {
-        "seconds": seconds,
-        "cases_per_s": len(chains) / seconds,
-        "exams_per_s": len(chains) * n_steps / seconds,
+    eng = {
+        "seconds": eng_s,
+        "cases_per_s": len(chains) / eng_s,
+        "exams_per_s": len(chains) * n_steps / eng_s,
         "step_seconds": {"mean": statistics.mean(step_s), "first": step_s[0], "last": step_s[-1]},
         "finish_reasons": finish,
         "prompt_tokens": stats["prompt_tokens"],
         "cached_prompt_tokens": stats["cached_prompt_tokens"],
         "cached_fraction": stats["cached_prompt_tokens"] / max(1, stats["prompt_tokens"]),
         "cache_tokens_at_end": engine.stats["cache_tokens"],
-        "texts": texts,
     }
-
-
-def run_baseline(model, tokenizer, chains: list[list[str]], max_tokens: int, device: str) -> dict:
-    import torch
-
-    eos = tokenizer.eos_token
-    texts: list[list[str]] = []
-    prompt_tokens = 0
-    sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for ch in chains:
-            texts.append([])
-            for prompt in ch:
-                enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-                prompt_tokens += enc.input_ids.shape[1]
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_tokens,
-                    do_sample=False,
-                    stop_strings=[SEP],
-                    tokenizer=tokenizer,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                raw = tokenizer.decode(out[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
-                texts[-1].append(cut_at_stop(raw, (SEP,), eos)[0])
-            print(f"  baseline: case {len(texts)}/{len(chains)} done, {time.perf_counter() - t0:.1f} s", flush=True)
-    sync(device)
-    return {"seconds": time.perf_counter() - t0, "prompt_tokens": prompt_tokens, "texts": texts}
+    return eng, eng_texts, {"seconds": base_s, "texts": base_texts}
 
 
 def machine(device: str) -> dict:
@@ -216,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--baseline-cases", type=int, help="run the baseline on this many cases and extrapolate")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--no-interleave", action="store_true", help="run all engine steps first, then the baseline")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
@@ -279,8 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     engine.generate(["Warm-up prompt.\nExam name:\nX\nExam results:\n"], SamplingParams(max_tokens=4, temperature=0))
     engine.close()  # forget the warm-up's cache entries
-    print("engine ...", flush=True)
-    eng = run_engine(engine, chains, params, args.device)
+    subset = [] if args.skip_baseline else spaced(len(chains), args.baseline_cases or len(chains))
+    print(f"engine on {len(chains)} cases, baseline on {len(subset)} ...", flush=True)
+    eng, eng_texts, base = run(engine, chains, subset, params, args.device, not args.no_interleave)
     print(f"engine: {eng['seconds']:.1f} s, {eng['cases_per_s']:.4f} cases/s", flush=True)
 
     result: dict = {
@@ -295,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_tokens": args.max_tokens,
             "greedy": True,
             "dtype": args.dtype,
+            "interleaved": bool(subset) and not args.no_interleave,
             "engine_options": {"prefill_chunk": engine.prefill_chunk, "ragged_decode": engine.ragged_decode},
             "history": "true history (case events), cycled when a case has fewer exams than n_steps",
             "cycled_cases": cycled,
@@ -304,19 +330,14 @@ def main(argv: list[str] | None = None) -> int:
                 "mean": statistics.mean(x for ls in lengths for x in ls),
             },
         },
-        "engine": {k: v for k, v in eng.items() if k != "texts"},
+        "engine": eng,
     }
-    if not args.skip_baseline:
-        k = args.baseline_cases or len(chains)
-        subset = spaced(len(chains), k)
-        print(f"baseline on {len(subset)} of {len(chains)} cases ...", flush=True)
-        base = run_baseline(model, tokenizer, [chains[i] for i in subset], args.max_tokens, args.device)
+    if subset:
         per_case = base["seconds"] / len(subset)
-        est_total = per_case * len(chains)
         equal = sum(
             a == b
             for i, texts in zip(subset, base["texts"], strict=True)
-            for a, b in zip(eng["texts"][i], texts, strict=True)
+            for a, b in zip(eng_texts[i], texts, strict=True)
         )
         compared = len(subset) * args.n_steps
         sub_tokens = [x for i in subset for x in lengths[i]]
@@ -326,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             "case_indices": subset,
             "seconds_measured": base["seconds"],
             "extrapolated": len(subset) < len(chains),
-            "seconds_for_all_cases": est_total,
+            "seconds_for_all_cases": per_case * len(chains),
             "cases_per_s": len(subset) / base["seconds"],
             "exams_per_s": len(subset) * args.n_steps / base["seconds"],
             "subset_mean_prompt_tokens": statistics.mean(sub_tokens),
@@ -348,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.keep_texts:
-        result["engine_texts"] = eng["texts"]
+        result["engine_texts"] = eng_texts
     out = args.out or DEFAULT_RESULTS / f"chain-{tag}-{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
