@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= work
 DEMO_RUN := $(WORK)/runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint install clean bench-preprocess
+.PHONY: demo test lint install clean bench-preprocess system-deps
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (DiagGym needs Python 3.11)"; exit 2; }
@@ -34,7 +34,14 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines serving
 
-test: $(STAMP) lint
+# Debian packages the integration tests start or call: prometheus (the server and promtool).
+system-deps:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { \
+			$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }; }
+
+test: $(STAMP) lint system-deps
 	$(PY) -m pytest -q
 
 bench-preprocess: $(STAMP)

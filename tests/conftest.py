@@ -28,3 +28,32 @@ def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "cases"
     card = preprocess("mimic-iv", DEMO, out, parquet=True)
     return out, card
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(demo_out, tmp_path_factory) -> Path:
+    """A tiny base trained for a few steps on the demo through the real trainer: a checkpoint for servers to load.
+
+    Its outputs are not good (that is the local training preset's job); servers only need a real model.
+    """
+    import torch
+
+    from diaggym.cases import load_cases
+    from diaggym.model.base import init_base
+    from diaggym.training.train import TrainConfig, train
+
+    out, _card = demo_out
+    root = tmp_path_factory.mktemp("trained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        init_base([c for c in load_cases(out / "cases.jsonl") if c.split == "train"], root / "base", "tiny", seed=0)
+        summary = train(
+            TrainConfig(
+                cases=str(out), base=str(root / "base"), out=str(root / "run"), max_steps=8, lr=5e-3,
+                batch_size=2, grad_accum=1, max_length=512, save_steps=1000, eval=False, mlflow=False,
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+    return Path(summary["final"])

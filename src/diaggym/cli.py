@@ -19,7 +19,7 @@ from diaggym.errors import InputError
 
 app = typer.Typer(
     name="diaggym",
-    help="DiagGym: build EHR cases, serialize them for the world model, and (soon) train, evaluate and serve it.",
+    help="DiagGym: build EHR cases, train the world model on them, evaluate it and serve it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -398,6 +398,18 @@ def evaluate(
     typer.echo((out / "report.md").read_text())
     if doc.get("mlflow_run_id"):
         typer.echo(f"MLflow run {doc['mlflow_run_id']}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Run the simulator server (KServe: :predict, /openai/v1/completions, /metrics); --help lists its options."""
+    # The server lives at the edge (serving/diaggym_serving) because it imports KServe; the core never does.
+    from diaggym_serving.server import main as serve_main
+
+    raise typer.Exit(serve_main(list(ctx.args)))
 
 
 def main() -> None:  # pragma: no cover - console entry

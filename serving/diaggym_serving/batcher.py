@@ -1,0 +1,142 @@
+"""Getting concurrent requests into the engine without blocking the event loop.
+
+RL jobs send many small requests at once (one per live episode).  How they should reach
+the engine depends on the engine:
+
+* ``batch`` (the in-process transformers engine): requests that arrive within a few
+  milliseconds are merged into one ``generate`` call, run on one worker thread (the model
+  is not thread-safe and one batched call is far cheaper than many single ones);
+* ``thread`` (the openai engine): each request runs on the default thread pool; the
+  remote server (vLLM) batches by itself;
+* ``inline`` (baselines): answered on the event loop, they cost microseconds.
+
+An engine failure in a merged batch is retried prompt by prompt, so one bad prompt (e.g.
+too long for the model) fails alone instead of failing its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from diaggym.engines import Completion, Engine, EngineError, SamplingParams
+from diaggym_serving import metrics
+
+MODES = ("batch", "thread", "inline")
+
+
+@dataclass
+class _Job:
+    prompts: list[str]
+    params: list[SamplingParams]
+    future: asyncio.Future = field(repr=False)
+
+
+class EngineRunner:
+    """``await runner.generate(prompts, params)`` from any number of concurrent requests."""
+
+    def __init__(self, engine: Engine, mode: str = "batch", max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown dispatch mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if max_batch < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch must be >= 1 and max_wait_ms >= 0")
+        self.engine = engine
+        self.mode = mode
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine") if mode == "batch" else None
+        self._queued = 0
+
+    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
+        if self.mode == "inline":
+            return self._observe(self.engine.generate(prompts, params))
+        if self.mode == "thread":
+            out = await asyncio.get_running_loop().run_in_executor(None, self.engine.generate, prompts, params)
+            return self._observe(out)
+        if self._task is None or self._task.done():
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        assert self._queue is not None
+        job = _Job(prompts, params, asyncio.get_running_loop().create_future())
+        self._queued += len(prompts)
+        metrics.QUEUE_DEPTH.set(self._queued)
+        await self._queue.put(job)
+        return await job.future
+
+    def _observe(self, out: list[Completion]) -> list[Completion]:
+        metrics.BATCH_SIZE.observe(len(out))
+        for c in out:
+            metrics.PREFIX_QUERY_TOKENS.inc(c.prompt_tokens)
+            metrics.PREFIX_HIT_TOKENS.inc(c.cached_prompt_tokens)
+        return out
+
+    async def _loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = [await self._queue.get()]
+            size = len(jobs[0].prompts)
+            deadline = loop.time() + self.max_wait
+            while size < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), timeout)
+                except TimeoutError:
+                    break
+                jobs.append(job)
+                size += len(job.prompts)
+            self._queued -= size
+            metrics.QUEUE_DEPTH.set(self._queued)
+            jobs = [j for j in jobs if not j.future.cancelled()]  # their clients gave up (timeout, disconnect)
+            if jobs:
+                await self._run(jobs)
+
+    async def _run(self, jobs: list[_Job]) -> None:
+        loop = asyncio.get_running_loop()
+        prompts = [p for j in jobs for p in j.prompts]
+        params = [p for j in jobs for p in j.params]
+        try:
+            out = await loop.run_in_executor(self._worker, self.engine.generate, prompts, params)
+        except Exception as err:  # noqa: BLE001 - isolated below, then delivered to the callers
+            if len(jobs) == 1:
+                _settle(jobs[0].future, error=err)
+                return
+            for job in jobs:  # isolate the bad prompt(s): each job again, alone
+                try:
+                    res = await loop.run_in_executor(self._worker, self.engine.generate, job.prompts, job.params)
+                except Exception as one_err:  # noqa: BLE001
+                    _settle(job.future, error=one_err)
+                else:
+                    _settle(job.future, result=self._observe(res))
+            return
+        self._observe(out)
+        k = 0
+        for job in jobs:
+            _settle(job.future, result=out[k : k + len(job.prompts)])
+            k += len(job.prompts)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
+
+
+def _settle(future: asyncio.Future, result: list[Completion] | None = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        if not isinstance(error, EngineError):
+            error = EngineError(f"engine failed: {type(error).__name__}: {error}", reason="engine_crash")
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,161 @@
+"""Start the simulator server: ``python -m diaggym_serving`` (container) or ``diaggym serve`` (local).
+
+It accepts KServe's own model-server options (KServe appends ``--model_name``,
+``--predictor_host`` and ``--http_port`` to a transformer container), so the same entry
+point runs as an InferenceService transformer in front of a vLLM predictor and as a plain
+local server.  Locally it binds 127.0.0.1; in a container pass ``--host 0.0.0.0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from diaggym.errors import InputError
+
+log = logging.getLogger("diaggym.serving")
+
+DISPATCH = {"transformers": "batch", "openai": "thread", "normal": "inline", "marginal": "inline", "median": "inline"}
+
+
+def _import_kserve():
+    """Import KServe with a clean argv: it parses ``sys.argv`` at import time, and our options are not its own."""
+    saved = sys.argv
+    sys.argv = [saved[0]]
+    try:
+        import kserve.model_server  # noqa: F401
+        from kserve.protocol.rest.server import RESTServer
+    finally:
+        sys.argv = saved
+    import kserve
+
+    return kserve, RESTServer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="diaggym serve",
+        description="DiagGym simulator server (KServe model server: :predict, /openai/v1/completions, /metrics).",
+    )
+    p.add_argument("--model_name", "--model-name", dest="model_name", default="diaggym",
+                   help="Name on the routes (/v1/models/NAME:predict) and the OpenAI 'model' field.")
+    p.add_argument("--engine", choices=sorted(DISPATCH), default=None,
+                   help="World-model engine (default: openai when --predictor_host/--engine-url is given, "
+                   "else transformers).")
+    p.add_argument("--model", "--model-dir", dest="model_dir", default=None,
+                   help="Model folder for the transformers engine (default /mnt/models when it exists).")
+    p.add_argument("--engine-url", default=None, help="OpenAI-compatible base URL (…/v1) of the predictor.")
+    p.add_argument("--predictor_host", "--predictor-host", dest="predictor_host", default=None,
+                   help="Set by KServe for a transformer: the engine URL becomes http://HOST/v1.")
+    p.add_argument("--served-model", default="diaggym", help="Model name on the predictor (vLLM --served-model-name).")
+    p.add_argument("--cases", default=None,
+                   help="Preprocess output folder: exam kinds for metrics and parsing, the case_id form, and the "
+                   "training split for the baseline engines.")
+    p.add_argument("--host", default=os.environ.get("DIAGGYM_HOST", "127.0.0.1"), help="Bind address.")
+    p.add_argument("--http_port", "--port", dest="http_port", type=int, default=8080, help="HTTP port.")
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="Largest max_tokens a request may ask for.")
+    p.add_argument("--max-instances", type=int, default=64, help="Most instances (or prompts) per request.")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="Largest request body.")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="Seconds an engine call may take.")
+    p.add_argument("--max-batch", type=int, default=32, help="Most prompts per engine call (transformers engine).")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long to gather a micro-batch.")
+    p.add_argument("--api-token-env", default="DIAGGYM_API_TOKEN",
+                   help="Environment variable holding the bearer token (unset or empty = no auth).")
+    p.add_argument("--api-token-file", default=None, help="File holding the bearer token (a mounted secret).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the baseline engines.")
+    p.add_argument("--dtype", default="float32", help="Weights dtype of the transformers engine.")
+    p.add_argument("--device", default="cpu", help="Device of the transformers engine.")
+    return p
+
+
+def read_token(args: argparse.Namespace) -> str | None:
+    if args.api_token_file:
+        path = Path(args.api_token_file)
+        if not path.is_file():
+            raise InputError("API token file not found", path)
+        token = path.read_text().strip()
+        if not token:
+            raise InputError("API token file is empty", path)
+        return token
+    return os.environ.get(args.api_token_env, "").strip() or None
+
+
+def build_model(args: argparse.Namespace):
+    """Engine + catalog + cases → a :class:`DiagGymModel` (not yet warmed up)."""
+    from diaggym.cases import load_cases
+    from diaggym.engines import make_engine
+    from diaggym.engines.baselines import ExamCatalog
+    from diaggym_serving.model import DiagGymModel, Limits
+
+    url = args.engine_url or (f"http://{args.predictor_host}/v1" if args.predictor_host else None)
+    engine_kind = args.engine or ("openai" if url else "transformers")
+    cases = list(load_cases(args.cases)) if args.cases else []
+    train = [c for c in cases if c.split in (None, "train")]
+    catalog = ExamCatalog.from_cases(train) if train else None
+    kinds = {name: stats.kind for name, stats in catalog.exams.items()} if catalog else {}
+    model_dir = args.model_dir
+    if engine_kind == "transformers" and model_dir is None and Path("/mnt/models/config.json").is_file():
+        model_dir = "/mnt/models"
+    if engine_kind == "openai":
+        engine = make_engine("openai", url=url, served_model=args.served_model, timeout=args.request_timeout,
+                             api_key=os.environ.get("DIAGGYM_PREDICTOR_API_KEY"))
+    elif engine_kind == "transformers":
+        engine = make_engine("transformers", model=model_dir, device=args.device, dtype=args.dtype,
+                             max_batch_size=args.max_batch)
+    else:
+        engine = make_engine(engine_kind, cases=train, seed=args.seed)
+    limits = Limits(max_tokens=args.max_tokens_limit, max_instances=args.max_instances,
+                    max_body_bytes=args.max_body_bytes, timeout_s=args.request_timeout)
+    return DiagGymModel(
+        args.model_name, engine, dispatch=DISPATCH[engine_kind], limits=limits, exam_kinds=kinds,
+        cases={c.case_id: c for c in cases}, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+    )
+
+
+async def run(model, host: str, port: int, token: str | None) -> None:
+    """Serve until SIGINT/SIGTERM; the engine warms up in the background (readiness follows it)."""
+    kserve, rest_server_cls = _import_kserve()
+    from kserve.model_server import ModelServer, app
+
+    from diaggym_serving import metrics
+    from diaggym_serving.app import install
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="diaggym"))
+    metrics.init_labels()
+    server = ModelServer(http_port=port, enable_grpc=False, enable_latency_logging=False)
+    server.register_model(model)
+    install(app, model, token=token)
+    rest = rest_server_cls(
+        "kserve.model_server:app", server.dataplane, server.model_repository_extension, port, grace_period=10
+    )
+    rest.config.host = host  # KServe hard-codes 0.0.0.0
+    warming = loop.create_task(model.keep_warming())
+    try:
+        await rest.start()
+    finally:
+        warming.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await warming
+        await model.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token = read_token(args)
+        model = build_model(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log.info("serving %r on http://%s:%d (engine %s, auth %s)", args.model_name, args.host, args.http_port,
+             model.engine.name, "on" if token else "off")
+    asyncio.run(run(model, args.host, args.http_port, token))
+    return 0
