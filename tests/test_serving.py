@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 
 import httpx
 import openai
@@ -157,7 +158,11 @@ _fields = st.sampled_from(
     ["profile", "final_diagnosis", "case_id", "history", "exam", "seed", "temperature", "top_p", "max_tokens", "x"]
 )
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
@@ -322,3 +327,40 @@ def test_server_reports_not_ready_when_predictor_is_down(tmp_path):
         assert json.loads(r.text)["error"]
     finally:
         proc.stop()
+
+
+# ---------------------------------------------------------------------------------------------- prometheus
+def test_real_prometheus_scrapes_the_server(marginal_server, tmp_path):
+    """Debian's prometheus scrapes /metrics every second; one of our series comes back through its query API."""
+    from tests.servers import ServerProcess, free_port
+
+    assert shutil.which("prometheus"), "prometheus missing: `make test` installs the Debian package"
+    target = marginal_server.removeprefix("http://")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: diaggym\n    static_configs:\n      - targets: ['{target}']\n"
+    )
+    port = free_port()
+    prom = ServerProcess(
+        ["prometheus", f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}"],
+        tmp_path / "prometheus.log",
+    ).start()
+    try:
+        prom.wait_ready(f"http://127.0.0.1:{port}/-/ready", timeout=60)
+        body = {"instances": [{"profile": "p", "final_diagnosis": "d", "exam": CBC}]}
+        httpx.post(f"{marginal_server}/v1/models/diaggym:predict", json=body, headers=AUTH, timeout=30)
+        deadline = time.monotonic() + 60
+        result: list = []
+        while time.monotonic() < deadline and not result:
+            r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query",
+                          params={"query": 'diaggym_requests_total{route="predict",outcome="ok"}'}, timeout=10)
+            result = r.json()["data"]["result"]
+            time.sleep(0.5)
+        assert result, prom.log_tail()
+        assert result[0]["metric"]["job"] == "diaggym" and float(result[0]["value"][1]) >= 1
+        up = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}, timeout=10).json()
+        assert up["data"]["result"][0]["value"][1] == "1"
+    finally:
+        prom.stop()
