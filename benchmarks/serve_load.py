@@ -1,0 +1,165 @@
+"""P4 — the simulator server under load: 32 concurrent clients for 60 s against ``:predict``.
+
+Why: an RL job sends one request per live episode per turn, from many workers at once;
+the server's own overhead (HTTP, validation, prompt rendering, parsing, metrics) must be
+small next to the engine's.  The ``marginal`` engine answers in microseconds, so this
+measures the server itself.  Target: >= 300 requests/s, p99 < 100 ms, 0 errors.
+
+The server runs as ``diaggym serve --engine marginal`` in its own process on 127.0.0.1
+(access log off, as deployed); the load generator is a separate process running
+``--clients`` asyncio clients in closed loop (each sends its next request when the last
+one returned), each request one instance with a real demo case's profile, diagnosis and
+a few exams of history.  Latency is measured by the client, end to end.  On a 2-core
+machine the load generator competes with the server for CPU: the figure is a lower bound
+of what the server does with cores of its own.
+
+    python benchmarks/serve_load.py --cases work/demo/mimic-iv --seconds 60 --clients 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bodies(cases_dir: str, n: int, seed: int) -> list[dict]:
+    from diaggym.cases import load_cases
+    from diaggym.serialization import case_events
+
+    rng = random.Random(seed)
+    cases = [c for c in load_cases(cases_dir) if len(c.exams) >= 2]
+    bodies = []
+    for _ in range(n):
+        case = rng.choice(cases)
+        events = case_events(case)
+        k = rng.randrange(1, min(len(events), 6))
+        bodies.append(
+            {
+                "instances": [
+                    {
+                        "profile": case.profile.model_dump(exclude_none=True),
+                        "final_diagnosis": case.final_diagnosis,
+                        "history": [{"name": a, "result": b} for a, b in events[:k]],
+                        "exam": events[k][0],
+                        "seed": rng.randrange(1 << 30),
+                    }
+                ]
+            }
+        )
+    return bodies
+
+
+async def _client(url: str, bodies: list[dict], stop_at: float, lat: list[float], errors: list[str]) -> None:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=1)) as http:
+        i = random.randrange(len(bodies))
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url, json=bodies[i % len(bodies)])
+                ok = r.status_code == 200
+                if not ok:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as err:
+                errors.append(f"{type(err).__name__}: {err}")
+                ok = False
+            if ok:
+                lat.append(time.perf_counter() - t0)
+            i += 1
+
+
+async def load(url: str, bodies: list[dict], clients: int, seconds: float, warmup: float) -> dict:
+    warm_lat: list[float] = []
+    warm_err: list[str] = []
+    end = time.perf_counter() + warmup
+    await asyncio.gather(*(_client(url, bodies, end, warm_lat, warm_err) for _ in range(clients)))
+    lat: list[float] = []
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    await asyncio.gather(*(_client(url, bodies, t0 + seconds, lat, errors) for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return {
+        "requests_ok": len(lat),
+        "errors": len(errors),
+        "error_examples": errors[:5],
+        "seconds": round(wall, 2),
+        "requests_per_s": round(len(lat) / wall, 1),
+        "latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
+            "p90": round(float(np.percentile(ms, 90)), 2) if len(ms) else None,
+            "p99": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
+            "max": round(float(ms.max()), 2) if len(ms) else None,
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="work/demo/mimic-iv", help="Preprocess output folder (demo cases).")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warmup", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--url", default=None, help="Load an already running server instead of starting one.")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
+    args = ap.parse_args()
+
+    proc = None
+    url = args.url
+    if url is None:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "diaggym.cli", "serve", "--engine", "marginal", "--cases", args.cases,
+               "--host", "127.0.0.1", "--port", str(port)]
+        log = open(ROOT / "work" / "serve_load.log", "wb")  # noqa: SIM115 - lives as long as the server
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"server did not start; see {log.name}")
+            time.sleep(0.3)
+    try:
+        bodies = _bodies(args.cases, 512, args.seed)
+        res = asyncio.run(load(f"{url}/v1/models/diaggym:predict", bodies, args.clients, args.seconds, args.warmup))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    res.update(
+        clients=args.clients,
+        engine="marginal",
+        target={"requests_per_s": 300, "p99_ms": 100, "errors": 0},
+        met=bool(res["requests_per_s"] >= 300 and (res["latency_ms"]["p99"] or 1e9) < 100 and res["errors"] == 0),
+        command=" ".join(sys.argv),
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
