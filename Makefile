@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= work
 DEMO_RUN := $(WORK)/runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint install clean bench-preprocess system-deps
+.PHONY: demo test lint install clean bench-preprocess system-deps vllm-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (DiagGym needs Python 3.11)"; exit 2; }
@@ -41,7 +41,11 @@ system-deps:
 		$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { \
 			$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }; }
 
-test: $(STAMP) lint system-deps
+# vLLM's CPU build in its own venv (.venv-vllm) for the real-vLLM integration tests; instant once installed.
+vllm-venv:
+	bash serving/vllm/install.sh
+
+test: $(STAMP) lint system-deps vllm-venv
 	$(PY) -m pytest -q
 
 bench-preprocess: $(STAMP)
