@@ -43,10 +43,11 @@ BATCH_SIZE = Histogram(
 )
 ERRORS = Counter("diaggym_errors_total", "Failed requests and exams, by reason.", ["reason"])
 PREFIX_HIT_TOKENS = Counter(
-    "diaggym_prefix_cache_hit_tokens_total", "Prompt tokens the in-process engine served from its prefix cache."
+    "diaggym_prefix_cache_hit_tokens_total", "Prompt tokens the engine reported as served from its prefix cache."
 )
 PREFIX_QUERY_TOKENS = Counter(
-    "diaggym_prefix_cache_query_tokens_total", "Prompt tokens the in-process engine looked up in its prefix cache."
+    "diaggym_prefix_cache_query_tokens_total",
+    "Prompt tokens sent to the engine (the prefix-cache hit ratio's denominator).",
 )
 READY = Gauge("diaggym_engine_ready", "1 once the engine answered the warm-up request, else 0.")
 
