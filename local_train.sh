@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Single-node fine-tuning of the DiagGym world model.
 #
-#   ./local_train.sh                 CPU: bundled demo cases -> tiny local Qwen2 base -> train (a few minutes)
+#   ./local_train.sh                 CPU: bundled demo cases -> tiny local Qwen2 base -> train (~15 min on 2 cores)
 #   ./local_train.sh --gpus 8 --config reference --base /models/Qwen2.5-7B-Instruct --cases CASES_DIR
 #                                    the reference run (DeepSpeed ZeRO-2, bf16) through torchrun, same script
 #
 # Options: --gpus N (0 = CPU), --config NAME|FILE (configs/train/), --cases DIR, --base DIR,
-# --preset tiny|small (local base built when --base is not given), --out DIR (default work/runs/NAME-TIME).
+# --preset tiny|local|small (local base built when --base is not given), --out DIR (default work/runs/NAME-TIME).
 # Anything else is passed to `diaggym train` (e.g. --max-steps 50, --resume, --no-mlflow).
 set -euo pipefail
 cd "$(dirname "$0")"

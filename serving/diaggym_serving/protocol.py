@@ -38,7 +38,7 @@ class Instance(_Strict):
     seed: int | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=512, ge=1)
+    max_tokens: int = Field(default=1024, ge=1)
 
     @model_validator(mode="after")
     def _patient(self) -> Instance:

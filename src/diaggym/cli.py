@@ -167,7 +167,7 @@ app.add_typer(base_app, name="base")
 def base_init(
     cases: Annotated[Path, typer.Option(help="Preprocess output folder (its train split trains the tokenizer).")],
     out: Annotated[Path, typer.Option(help="Folder for the base model (save_pretrained layout).")],
-    preset: Annotated[str, typer.Option(help="Model size: tiny (~1.5 M params), small (~28 M).")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Model size: tiny (1.5 M params), local (4.2 M), small (28 M).")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed for the tokenizer's case order and the initial weights.")] = 0,
 ) -> None:
     """Train a byte-level BPE tokenizer (single-digit numbers, <SEP> added) and write a random Qwen2 base."""
@@ -277,7 +277,7 @@ def simulate(
     served_model: Annotated[str, typer.Option(help="Model name on the OpenAI-compatible server.")] = "diaggym",
     history: Annotated[str, typer.Option(help="'real': the case's exams before this one; 'none'.")] = "real",
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Generation limit in tokens.")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="Generation limit in tokens (a full CBC is ~770).")] = 1024,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parsed result as JSON.")] = False,
 ) -> None:
@@ -346,7 +346,7 @@ def evaluate(
     max_cases: Annotated[int | None, typer.Option(help="Evaluate at most this many cases.")] = None,
     max_exams: Annotated[int, typer.Option(help="Exams per case (step and chain level).")] = 30,
     exam_samples: Annotated[int, typer.Option(help="Samples per (case, exam type) at exam level.")] = 3,
-    max_tokens: Annotated[int, typer.Option(help="Generation limit.")] = 512,
+    max_tokens: Annotated[int, typer.Option(help="Generation limit (a full CBC is ~770 tokens).")] = 1024,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     embedding_model: Annotated[

@@ -41,7 +41,7 @@ class EvalSettings:
     max_exams: int = 30  # per case, step and chain level
     exam_types: int = 10  # most frequent exam types at exam level
     exam_samples: int = 3  # generations per (case, exam type) at exam level
-    max_tokens: int = 512
+    max_tokens: int = 1024
     temperature: float = 1.0
     seed: int = 0
     judge_samples: int = 50  # step results and chains per engine sent to the judge (when one is configured)

@@ -45,6 +45,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # ~1.6 M parameters: tests and the few-minute CPU demo.
     "tiny": Preset(4096, 128, 4, 4, 2, 512),
+    # ~4.2 M parameters: the CPU demo (configs/train/local.json); 4 layers of width 256, head_dim 64.
+    "local": Preset(4096, 256, 4, 4, 2, 768),
     # ~28 M parameters: longer local runs; 8 layers of width 512.
     "small": Preset(8192, 512, 8, 8, 4, 1408),
     # 0.5B-shaped (Qwen2.5-0.5B dimensions) for GPU throughput benchmarks; never trained on CPU.
