@@ -68,34 +68,33 @@ def _bodies(cases_dir: str, n: int, seed: int) -> list[dict]:
     return bodies
 
 
-async def _client(url: str, bodies: list[dict], stop_at: float, lat: list[float], errors: list[str]) -> None:
+async def _client(url: str, bodies: list[dict], t_start: float, t_stop: float, lat: list[float],
+                  errors: list[str]) -> None:
+    """One closed-loop client on one kept-alive connection; only requests sent after ``t_start`` are recorded."""
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=1)) as http:
         i = random.randrange(len(bodies))
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
+        while (t0 := time.perf_counter()) < t_stop:
             try:
                 r = await http.post(url, json=bodies[i % len(bodies)])
-                ok = r.status_code == 200
-                if not ok:
-                    errors.append(f"{r.status_code}: {r.text[:200]}")
+                error = None if r.status_code == 200 else f"{r.status_code}: {r.text[:200]}"
             except httpx.HTTPError as err:
-                errors.append(f"{type(err).__name__}: {err}")
-                ok = False
-            if ok:
-                lat.append(time.perf_counter() - t0)
+                error = f"{type(err).__name__}: {err}"
+            if t0 >= t_start:
+                if error:
+                    errors.append(error)
+                else:
+                    lat.append(time.perf_counter() - t0)
             i += 1
 
 
 async def load(url: str, bodies: list[dict], clients: int, seconds: float, warmup: float) -> dict:
-    warm_lat: list[float] = []
-    warm_err: list[str] = []
-    end = time.perf_counter() + warmup
-    await asyncio.gather(*(_client(url, bodies, end, warm_lat, warm_err) for _ in range(clients)))
+    """``clients`` connections open and warm for ``warmup`` s, then measured for ``seconds``."""
     lat: list[float] = []
     errors: list[str] = []
-    t0 = time.perf_counter()
-    await asyncio.gather(*(_client(url, bodies, t0 + seconds, lat, errors) for _ in range(clients)))
-    wall = time.perf_counter() - t0
+    t_start = time.perf_counter() + warmup
+    t_stop = t_start + seconds
+    await asyncio.gather(*(_client(url, bodies, t_start, t_stop, lat, errors) for _ in range(clients)))
+    wall = time.perf_counter() - t_start
     ms = np.array(lat) * 1000
     return {
         "requests_ok": len(lat),
