@@ -108,3 +108,19 @@ def test_judge_scores_and_counts_garbage(setup, tmp_path):
     assert mb["skipped"]["judge: similarity not judged (judge failed)"] == 4
     assert bad_judge.failures["unparseable answer"] == 2 * (4 + 2)  # 2 attempts each for 4 steps + 2 chains
     assert "Judge `judge-garbage`" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_mlflow_accepts_every_engine_label(tmp_path, monkeypatch):
+    """Engine labels such as "base (untuned)" must become valid MLflow metric names, not a crash after the report."""
+    import mlflow
+
+    from diaggym.evaluation.report import log_to_mlflow, metric_key
+
+    assert metric_key("base (untuned)", "step_generations") == "eval.base_untuned.step_generations"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "report.md").write_text("# report\n")
+    doc = {"split": "test", "engines": {"base (untuned)": {"metrics": {"step_generations": 3, "x": None}}}}
+    run_id = log_to_mlflow(tmp_path / "rep", doc, None, None, "diaggym-eval-test")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow.get_run(run_id).data.metrics == {"eval.base_untuned.step_generations": 3.0}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,12 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def metric_key(engine: str, metric: str) -> str:
+    """``eval.{engine}.{metric}`` in the characters MLflow accepts (``base (untuned)`` → ``base_untuned``)."""
+    key = f"eval.{engine}.{metric}".replace(" ", "_")
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.\-/:]", "_", key)).replace("_.", ".")
+
+
 def log_to_mlflow(out: Path, doc: dict, card: dict | None, run_id: str | None, experiment: str) -> str:
     """Log the numbers and the report folder; under ``run_id`` when given (e.g. the training run)."""
     import mlflow
@@ -144,7 +151,7 @@ def log_to_mlflow(out: Path, doc: dict, card: dict | None, run_id: str | None, e
         for e, rep in doc["engines"].items():
             for k, v in rep["metrics"].items():
                 if isinstance(v, int | float) and v == v:
-                    mlflow.log_metric(f"eval.{e}.{k}".replace(" ", "_"), float(v))
+                    mlflow.log_metric(metric_key(e, k), float(v))
         mlflow.set_tag("diaggym.eval_split", doc["split"])
         if card:
             mlflow.log_dict(card, "dataset/card.json")
