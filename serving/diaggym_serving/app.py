@@ -24,7 +24,7 @@ from diaggym.engines import SamplingParams
 from diaggym_serving import metrics
 from diaggym_serving.errors import ServingError, handler
 from diaggym_serving.model import DiagGymModel
-from diaggym_serving.protocol import CompletionRequest, describe, loc_path
+from diaggym_serving.protocol import CompletionRequest, describe, first_field
 
 OPEN_PATHS = {"/", "/metrics", "/v2/health/live", "/v2/health/ready"}
 ASGIApp = Callable[..., Awaitable[None]]
@@ -205,5 +205,4 @@ async def _completion_request(request: Request) -> CompletionRequest:
     try:
         return CompletionRequest.model_validate(payload)
     except ValidationError as err:
-        first = err.errors()[0]["loc"] if err.errors() else ()
-        raise ServingError(400, "invalid_request", describe(err), loc_path(first)) from None
+        raise ServingError(400, "invalid_request", describe(err), first_field(err)) from None

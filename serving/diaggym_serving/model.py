@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import kserve
 from pydantic import ValidationError
 
 from diaggym.cases import Case, Profile
@@ -26,7 +25,8 @@ from diaggym.simulator import SimRequest, SimResult
 from diaggym_serving import metrics
 from diaggym_serving.batcher import EngineRunner
 from diaggym_serving.errors import ServingError, from_engine_error
-from diaggym_serving.protocol import Instance, PredictRequest, describe, loc_path
+from diaggym_serving.kserve_import import kserve
+from diaggym_serving.protocol import Instance, PredictRequest, describe, first_field
 
 log = logging.getLogger("diaggym.serving")
 
@@ -107,7 +107,7 @@ class DiagGymModel(kserve.Model):
         try:
             req = PredictRequest.model_validate(payload)
         except ValidationError as err:
-            raise ServingError(400, "invalid_request", describe(err), _first_field(err)) from None
+            raise ServingError(400, "invalid_request", describe(err), first_field(err)) from None
         if len(req.instances) > self.limits.max_instances:
             raise ServingError(
                 400,
@@ -187,8 +187,3 @@ class DiagGymModel(kserve.Model):
             res = SimResult.from_completion(sim.exam, c, self.exam_kinds.get(sim.exam))
             predictions.append({**res.to_dict(), "unparsed_lines": res.unparsed_lines})
         return {"predictions": predictions}
-
-
-def _first_field(err: ValidationError) -> str | None:
-    errors = err.errors()
-    return loc_path(errors[0]["loc"]) if errors else None

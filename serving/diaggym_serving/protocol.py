@@ -9,7 +9,7 @@ ignored option.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -60,18 +60,6 @@ class PredictRequest(_Strict):
     instances: list[Instance] = Field(min_length=1)
 
 
-class Prediction(BaseModel):
-    exam: str
-    result: str
-    items: list[dict[str, Any]]
-    complete: bool
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int = 0
-    unparsed_lines: list[str] = Field(default_factory=list)
-
-
 class CompletionRequest(_Strict):
     """The subset of OpenAI's ``/v1/completions`` the world model supports; the rest is refused by name."""
 
@@ -115,6 +103,12 @@ def loc_path(loc: tuple, prefix: str = "") -> str:
         elif part not in _UNION_TAGS:
             path += f".{part}" if path else str(part)
     return path or "body"
+
+
+def first_field(err: ValidationError) -> str | None:
+    """The path of the first invalid field (the ``field`` of a 400 answer)."""
+    errors = err.errors()
+    return loc_path(errors[0]["loc"]) if errors else None
 
 
 def describe(err: ValidationError, prefix: str = "") -> str:

@@ -25,20 +25,6 @@ log = logging.getLogger("diaggym.serving")
 DISPATCH = {"transformers": "batch", "openai": "thread", "normal": "inline", "marginal": "inline", "median": "inline"}
 
 
-def _import_kserve():
-    """Import KServe with a clean argv: it parses ``sys.argv`` at import time, and our options are not its own."""
-    saved = sys.argv
-    sys.argv = [saved[0]]
-    try:
-        import kserve.model_server  # noqa: F401
-        from kserve.protocol.rest.server import RESTServer
-    finally:
-        sys.argv = saved
-    import kserve
-
-    return kserve, RESTServer
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="diaggym serve",
@@ -124,11 +110,9 @@ def build_model(args: argparse.Namespace):
 
 async def run(model, host: str, port: int, token: str | None, access_log: bool = False) -> None:
     """Serve until SIGINT/SIGTERM; the engine warms up in the background (readiness follows it)."""
-    kserve, rest_server_cls = _import_kserve()
-    from kserve.model_server import ModelServer, app
-
     from diaggym_serving import metrics
     from diaggym_serving.app import install
+    from diaggym_serving.kserve_import import ModelServer, RESTServer, app
 
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="diaggym"))
@@ -139,7 +123,7 @@ async def run(model, host: str, port: int, token: str | None, access_log: bool =
             logging.getLogger(name).setLevel(logging.WARNING)
     server.register_model(model)
     install(app, model, token=token)
-    rest = rest_server_cls(
+    rest = RESTServer(
         "kserve.model_server:app", server.dataplane, server.model_repository_extension, port, grace_period=10
     )
     rest.config.host = host  # KServe hard-codes 0.0.0.0
