@@ -46,6 +46,10 @@ def test_baselines_report_metrics_plots_and_mlflow(setup, tmp_path, monkeypatch)
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "| marginal |" in report and "## Skipped" in report and "![wdist.png](wdist.png)" in report
     assert (tmp_path / "rep" / "wdist.png").read_bytes()[:4] == b"\x89PNG"
+    gens = [json.loads(x) for x in (tmp_path / "rep" / "generations" / "median.jsonl").read_text().splitlines()]
+    assert len(gens) == metrics["engines"]["median"]["metrics"]["step_generations"] > 0
+    assert all(g["well_formed"] and g["failure"] is None for g in gens)
+    assert "- **median**: 0 of" in report
     client = mlflow.MlflowClient()
     run = client.get_run(doc["mlflow_run_id"])
     assert "eval.marginal.auto_similarity" in run.data.metrics
@@ -68,6 +72,33 @@ def test_junk_endpoint_is_counted_not_scored(setup, tmp_path):
     assert skipped.get("step: engine error (bad_response)", 0) >= 2
     assert doc["engines"]["junk"]["metrics"]["step_generations"] == 0
     assert doc["engines"]["median"]["metrics"]["step_generations"] > 0
+
+
+def test_malformed_generations_are_counted_and_shown(setup, tmp_path, trained_tiny):
+    """A barely trained model: its failures are counted by cause and its bad lines are in the report."""
+    cases_dir, _ = setup
+    doc = evaluate(
+        str(cases_dir),
+        str(tmp_path / "rep"),
+        {"barely trained": make_engine("transformers", model=trained_tiny)},
+        settings=EvalSettings(max_cases=2, max_exams=4, exam_samples=1, exam_types=2, max_tokens=48),
+        use_embeddings=False,
+        mlflow=False,
+    )
+    m = doc["engines"]["barely trained"]["metrics"]
+    gens = [json.loads(x) for x in (tmp_path / "rep" / "generations" / "barely_trained.jsonl").read_text().splitlines()]
+    assert len(gens) == m["step_generations"] == 8
+    bad = [g for g in gens if not g["well_formed"]]
+    assert m["format_valid_rate"] == pytest.approx(1 - len(bad) / len(gens)) and bad
+    assert {g["failure"] for g in bad} <= {
+        "no <SEP> within max_tokens",
+        "lines that do not parse",
+        "empty or not a lab result",
+    }
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert f"- **barely trained**: {len(bad)} of 8 not well formed" in report
+    slim = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert "samples" not in slim["engines"]["barely trained"]  # generations live in their own file
 
 
 def test_nothing_evaluable_is_an_error(setup, tmp_path):

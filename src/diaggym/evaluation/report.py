@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ TABLE = [  # (metric key, column title, better)
     ("consistency", "Consistency (judge)", "higher"),
     ("format_stop_rate", "stops at <SEP>", "higher"),
     ("format_parse_rate", "parses", "higher"),
+    ("format_valid_rate", "well formed (stop + parse)", "higher"),
     ("analyte_overlap", "analyte overlap", "higher"),
     ("auto_similarity", "auto_similarity (0–5)", "higher"),
     ("lab_abs_z_capped", "lab |z| (capped 5)", "lower"),
@@ -88,13 +90,50 @@ def _plots(out: Path, doc: dict, real_values: dict) -> list[str]:
     return names
 
 
+def slug(engine: str) -> str:
+    """A file name for an engine label (``base (untuned)`` → ``base_untuned``)."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.\-]", "_", engine)).strip("_") or "engine"
+
+
+def _write_generations(out: Path, doc: dict) -> None:
+    """Every step-level generation, one JSON line each, so a failed format can be read, not just counted."""
+    folder = out / "generations"
+    folder.mkdir(exist_ok=True)
+    for e, rep in doc["engines"].items():
+        with atomic_file(folder / f"{slug(e)}.jsonl") as fh:
+            for rec in rep.get("samples", []):
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _failure_lines(doc: dict, examples: int = 3) -> list[str]:
+    """Per engine: step generations that are not well formed, by cause, with a few offending lines."""
+    lines = ["", "## Format failures (step level)", ""]
+    for e, rep in doc["engines"].items():
+        samples = rep.get("samples", [])
+        bad = [r for r in samples if r.get("failure")]
+        if not samples:
+            continue
+        causes = Counter(r["failure"] for r in bad)
+        summary = ", ".join(f"{c}: {n}" for c, n in causes.most_common()) or "none"
+        lines.append(
+            f"- **{e}**: {len(bad)} of {len(samples)} not well formed ({summary}); all in `generations/{slug(e)}.jsonl`"
+        )
+        shown = [(r["exam"], ln) for r in bad for ln in r.get("unparsed_lines", [])[:1]][:examples]
+        for exam, ln in shown:
+            quoted = ln[:120].replace("`", "'")
+            lines.append(f"  - {exam}: `{quoted}`")
+    return lines
+
+
 def write_report(out: Path, doc: dict, real_values: dict) -> None:
     """``doc`` is the metrics.json content; plots and the markdown table are derived from it."""
     out.mkdir(parents=True, exist_ok=True)
     plots = _plots(out, doc, real_values)
+    _write_generations(out, doc)
+    heavy = {"generated_values", "samples"}
     slim = {
         **doc,
-        "engines": {e: {k: v for k, v in r.items() if k != "generated_values"} for e, r in doc["engines"].items()},
+        "engines": {e: {k: v for k, v in r.items() if k not in heavy} for e, r in doc["engines"].items()},
     }
     with atomic_file(out / "metrics.json") as fh:
         json.dump(slim, fh, indent=2, default=float)
@@ -123,6 +162,7 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
             any_skip = True
     if not any_skip:
         lines.append("- nothing")
+    lines += _failure_lines(doc)
     if doc.get("judge"):
         j = doc["judge"]
         lines += [

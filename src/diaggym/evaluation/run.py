@@ -54,6 +54,7 @@ class EngineReport:
     skipped: Counter = field(default_factory=Counter)
     generated_values: dict = field(default_factory=lambda: defaultdict(list))
     generated_texts: dict = field(default_factory=lambda: defaultdict(list))
+    samples: list = field(default_factory=list)  # step-level generations, written to generations/<engine>.jsonl
 
 
 class Embedder:
@@ -90,6 +91,17 @@ def _generate(
         return [None] * len(reqs)
 
 
+def _failure(res: SimResult, parsed: bool) -> str | None:
+    """Why a step-level generation is not well formed (None when it is): the report groups failures by this."""
+    if res.finish_reason != "stop":
+        return "no <SEP> within max_tokens"
+    if parsed:
+        return None
+    if res.unparsed_lines:
+        return "lines that do not parse"
+    return "empty or not a lab result"
+
+
 def evaluate_engine(
     name: str,
     engine: Engine,
@@ -107,7 +119,7 @@ def evaluate_engine(
     base = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=settings.seed)
 
     # ---- step level
-    n_gen = n_stop = n_parsed = 0
+    n_gen = n_stop = n_parsed = n_valid = 0
     overlaps: list[float] = []
     sims: list[float] = []
     zs: list[float] = []
@@ -144,6 +156,19 @@ def evaluate_engine(
                 ok = bool(res.result)
                 text_pairs.append((exam.result or "", res.result))
             n_parsed += ok
+            n_valid += ok and res.finish_reason == "stop"
+            rep.samples.append(
+                {
+                    "case_id": case.case_id,
+                    "exam": exam.name,
+                    "finish_reason": res.finish_reason,
+                    "well_formed": bool(ok and res.finish_reason == "stop"),
+                    "failure": _failure(res, ok),
+                    "unparsed_lines": res.unparsed_lines,
+                    "completion_tokens": res.completion_tokens,
+                    "result": res.result,
+                }
+            )
     step_seconds = time.perf_counter() - t0
     if text_pairs and embedder is not None:
         a, b = embedder([p[0] for p in text_pairs]), embedder([p[1] or " " for p in text_pairs])
@@ -155,6 +180,7 @@ def evaluate_engine(
             "step_generations": n_gen,
             "format_stop_rate": n_stop / n_gen if n_gen else None,
             "format_parse_rate": n_parsed / n_gen if n_gen else None,
+            "format_valid_rate": n_valid / n_gen if n_gen else None,
             "analyte_overlap": float(np.mean(overlaps)) if overlaps else None,
             "auto_similarity": float(np.mean(sims)) if sims else None,
             "lab_abs_z_capped": float(np.mean(zs)) if zs else None,
@@ -300,6 +326,7 @@ def evaluate(
             "metrics": rep.metrics,
             "skipped": dict(rep.skipped),
             "generated_values": {k: list(v) for k, v in rep.generated_values.items()},
+            "samples": rep.samples,
         }
     if judge is not None:
         doc["judge"] = {"model": judge.model, "calls": judge.calls, "failures": dict(judge.failures)}
