@@ -1,6 +1,6 @@
 """Conditioning probe: train the local model on a cohort with planted dependencies, compare with baselines.
 
-    .venv/bin/python benchmarks/conditioning.py [--cases 600] [--steps 500] [--lr 5e-3] [--preset tiny]
+    .venv/bin/python benchmarks/conditioning.py [--cases 600] [--steps 400] [--lr 3e-3] [--preset tiny]
 
 Writes ``benchmarks/results/conditioning.json``: mean absolute error of the planted analytes (Creatinine,
 shifted +3 sd by the diagnosis; "Lactate, repeat", the first Lactate + a small change) for the trained model
@@ -23,9 +23,9 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "conditioning")
