@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/diaggym validate $(WORK)/demo/mimic-iv
 	./local_train.sh --cases $(WORK)/demo/mimic-iv --out $(DEMO_RUN)
 	$(VENV)/bin/diaggym simulate --cases $(WORK)/demo/mimic-iv --model $(DEMO_RUN)/final \
-		--exam "Complete Blood Count (CBC)" --temperature 1.0 --seed 0
+		--exam "Complete Blood Count (CBC)" --temperature 1.0 --top-p 0.95 --seed 0
 	@echo
 	@echo "Cases and card: $(WORK)/demo/mimic-iv/{cases.jsonl,card.md,card.json,exams_per_case.png}"
 	@echo "MLflow runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db"

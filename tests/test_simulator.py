@@ -121,3 +121,29 @@ def test_simulate_cli_with_a_baseline(demo_out):
         timeout=120,
     )
     assert bad.returncode == 2 and "no case with id 'nope'" in bad.stderr
+
+
+@pytest.mark.parametrize(("command", "option"), [("simulate", "--top-p"), ("evaluate", "--top-p")])
+def test_bad_sampling_option_is_a_clear_error(demo_out, tmp_path, command, option):
+    cases_dir, _ = demo_out
+    extra = ["--exam", "X"] if command == "simulate" else ["--out", str(tmp_path / "rep")]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diaggym.cli",
+            command,
+            "--cases",
+            str(cases_dir),
+            "--engine",
+            "median",
+            option,
+            "0",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "bad sampling option: top_p must be in (0, 1], got 0.0" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "rep").exists()

@@ -26,6 +26,16 @@ app = typer.Typer(
 )
 
 
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int):
+    """Sampling options checked before any model is loaded (a bad --top-p is an input error, not a traceback)."""
+    from diaggym.engines import SamplingParams
+
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as err:
+        raise InputError(f"bad sampling option: {err}") from None
+
+
 def _fail(err: Exception) -> None:
     typer.echo(f"error: {err}", err=True)  # one unwrapped line, so it can be grepped
     raise typer.Exit(2)
@@ -277,17 +287,19 @@ def simulate(
     served_model: Annotated[str, typer.Option(help="Model name on the OpenAI-compatible server.")] = "diaggym",
     history: Annotated[str, typer.Option(help="'real': the case's exams before this one; 'none'.")] = "real",
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest token set with this mass.")] = 1.0,
     max_tokens: Annotated[int, typer.Option(help="Generation limit in tokens (a full CBC is ~770).")] = 1024,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parsed result as JSON.")] = False,
 ) -> None:
     """Generate one exam result for a case with the world model (or a baseline)."""
     from diaggym.cases import load_cases
-    from diaggym.engines import EngineError, SamplingParams, make_engine
+    from diaggym.engines import EngineError, make_engine
     from diaggym.serialization import case_events
     from diaggym.simulator import SimRequest, Simulator
 
     try:
+        sampling = _sampling(max_tokens, temperature, top_p, seed)
         all_cases = load_cases(cases)
         if case_id is None:
             case = next((c for c in all_cases if c.split == "test"), None)
@@ -310,7 +322,7 @@ def simulate(
         kinds = {e.name: e.kind for c in all_cases for e in c.exams}
         res = Simulator(eng, kinds).simulate(
             SimRequest.for_case(case, exam, past),
-            SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
+            sampling,
         )
     except (InputError, EngineError) as err:
         _fail(err)
@@ -348,6 +360,7 @@ def evaluate(
     exam_samples: Annotated[int, typer.Option(help="Samples per (case, exam type) at exam level.")] = 3,
     max_tokens: Annotated[int, typer.Option(help="Generation limit (a full CBC is ~770 tokens).")] = 1024,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = the model's whole distribution).")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     embedding_model: Annotated[
         str | None, typer.Option(help="sentence-transformers model path (default: the bundled all-MiniLM-L6-v2).")
@@ -364,6 +377,7 @@ def evaluate(
     from diaggym.evaluation.run import evaluate as run
 
     try:
+        _sampling(max_tokens, temperature, top_p, seed)
         train_cases = load_cases(cases, split="train")
         engines = {
             "candidate": make_engine(
@@ -380,6 +394,7 @@ def evaluate(
             exam_samples=exam_samples,
             max_tokens=max_tokens,
             temperature=temperature,
+            top_p=top_p,
             seed=seed,
         )
         doc = run(

@@ -43,6 +43,7 @@ class EvalSettings:
     exam_samples: int = 3  # generations per (case, exam type) at exam level
     max_tokens: int = 1024
     temperature: float = 1.0
+    top_p: float = 1.0
     seed: int = 0
     judge_samples: int = 50  # step results and chains per engine sent to the judge (when one is configured)
 
@@ -116,7 +117,9 @@ def evaluate_engine(
     kinds = {n: s.kind for n, s in catalog.exams.items()}
     sim = Simulator(engine, kinds)
     cases = cases[: settings.max_cases] if settings.max_cases else cases
-    base = SamplingParams(max_tokens=settings.max_tokens, temperature=settings.temperature, seed=settings.seed)
+    base = SamplingParams(
+        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed
+    )
 
     # ---- step level
     n_gen = n_stop = n_parsed = n_valid = 0
