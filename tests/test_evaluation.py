@@ -40,6 +40,7 @@ def test_baselines_report_metrics_plots_and_mlflow(setup, tmp_path, monkeypatch)
     for rep in metrics["engines"].values():
         m = rep["metrics"]
         assert m["format_stop_rate"] == 1.0 and m["format_parse_rate"] == 1.0  # baselines always well-formed
+        assert m["value_numeric_agreement"] == 1.0  # and write each number once, consistently
         assert 0 <= m["auto_similarity"] <= 5 and m["auto_consistency"] is not None
         assert any("num_wdist" in k for k in rep["skipped"])  # 3 cases cannot give 30 values: counted, not NaN
     assert metrics["engines"]["median"]["metrics"]["num_var"] == pytest.approx(0.0)  # a constant predictor

@@ -18,6 +18,7 @@ TABLE = [  # (metric key, column title, better)
     ("format_parse_rate", "parses", "higher"),
     ("format_valid_rate", "well formed (stop + parse)", "higher"),
     ("analyte_overlap", "analyte overlap", "higher"),
+    ("value_numeric_agreement", "Value = Numeric Value", "higher"),
     ("auto_similarity", "auto_similarity (0–5)", "higher"),
     ("lab_abs_z_capped", "lab |z| (capped 5)", "lower"),
     ("auto_consistency", "auto_consistency", "higher"),

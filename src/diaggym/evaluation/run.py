@@ -92,6 +92,20 @@ def _generate(
         return [None] * len(reqs)
 
 
+def _value_agrees(item) -> bool | None:
+    """Whether a lab line's ``Value`` and ``Numeric Value`` say the same number (None: not both numeric).
+
+    In real results they always do (``Value`` may be masked as ``___``); a model that writes
+    ``Value: 2.66; Numeric Value: 2.68`` has not learned to copy within a line.
+    """
+    if item.valuenum is None or item.value is None:
+        return None
+    try:
+        return abs(float(item.value) - item.valuenum) < 1e-9
+    except ValueError:
+        return None
+
+
 def _failure(res: SimResult, parsed: bool) -> str | None:
     """Why a step-level generation is not well formed (None when it is): the report groups failures by this."""
     if res.finish_reason != "stop":
@@ -124,6 +138,7 @@ def evaluate_engine(
     # ---- step level
     n_gen = n_stop = n_parsed = n_valid = 0
     overlaps: list[float] = []
+    agree: list[bool] = []
     sims: list[float] = []
     zs: list[float] = []
     text_pairs: list[tuple[str, str]] = []
@@ -148,6 +163,7 @@ def evaluate_engine(
                 ok = bool(res.items) and res.complete
                 real_names = {i.name for i in exam.items}
                 overlaps.append(len(real_names & {i.name for i in res.items}) / len(real_names))
+                agree.extend(a for a in map(_value_agrees, res.items) if a is not None)
                 errs, _ = auto.standardized_errors(catalog, exam.name, exam.items, res.items)
                 zs.extend(errs)
                 s = auto.lab_similarity(catalog, exam.name, exam.items, res.items)
@@ -185,6 +201,7 @@ def evaluate_engine(
             "format_parse_rate": n_parsed / n_gen if n_gen else None,
             "format_valid_rate": n_valid / n_gen if n_gen else None,
             "analyte_overlap": float(np.mean(overlaps)) if overlaps else None,
+            "value_numeric_agreement": float(np.mean(agree)) if agree else None,
             "auto_similarity": float(np.mean(sims)) if sims else None,
             "lab_abs_z_capped": float(np.mean(zs)) if zs else None,
             "seconds_per_exam": step_seconds / n_gen if n_gen else None,
