@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from diaggym.cases import Case
+from diaggym.cases import Case, LabItem
 from diaggym.engines import Engine, EngineError, SamplingParams
 from diaggym.engines.baselines import ExamCatalog
 from diaggym.evaluation import auto
@@ -92,7 +92,7 @@ def _generate(
         return [None] * len(reqs)
 
 
-def _value_agrees(item) -> bool | None:
+def _value_agrees(item: LabItem) -> bool | None:
     """Whether a lab line's ``Value`` and ``Numeric Value`` say the same number (None: not both numeric).
 
     In real results they always do (``Value`` may be masked as ``___``); a model that writes
