@@ -233,7 +233,22 @@ def train(config: TrainConfig) -> dict:
     summary["final"] = str(final)
     if tracker is not None and trainer.is_world_process_zero():
         tracker.finish(summary, final)
+    _finish_distributed()
     return summary
+
+
+def _finish_distributed() -> None:
+    """Let every rank wait for rank 0's saving, then tear the process group down.
+
+    Without this, the other ranks exit while rank 0 still writes the final model, and their gloo/NCCL
+    connections close under it: torch then aborts a process at exit (SIGABRT) now and then, failing a
+    run whose work was done.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _last_checkpoint(out: Path) -> Path | None:
