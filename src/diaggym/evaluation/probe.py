@@ -112,9 +112,9 @@ def probe_errors(engine: Engine, cases: list[Case], max_tokens: int = 160) -> di
 def run_probe(
     work: str | Path,
     n_cases: int = 600,
-    steps: int = 500,
+    steps: int = 400,
     preset: str = "tiny",
-    lr: float = 5e-3,
+    lr: float = 3e-3,
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict:

@@ -176,8 +176,7 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
 
 def metric_key(engine: str, metric: str) -> str:
     """``eval.{engine}.{metric}`` in the characters MLflow accepts (``base (untuned)`` → ``base_untuned``)."""
-    key = f"eval.{engine}.{metric}".replace(" ", "_")
-    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.\-/:]", "_", key)).replace("_.", ".")
+    return f"eval.{slug(engine)}.{metric}"  # metric names are our own identifiers; engine labels are free text
 
 
 def log_to_mlflow(out: Path, doc: dict, card: dict | None, run_id: str | None, experiment: str) -> str:

@@ -174,14 +174,15 @@ def evaluate_engine(
             else:
                 ok = bool(res.result)
                 text_pairs.append((exam.result or "", res.result))
+            well_formed = ok and res.finish_reason == "stop"
             n_parsed += ok
-            n_valid += ok and res.finish_reason == "stop"
+            n_valid += well_formed
             rep.samples.append(
                 {
                     "case_id": case.case_id,
                     "exam": exam.name,
                     "finish_reason": res.finish_reason,
-                    "well_formed": bool(ok and res.finish_reason == "stop"),
+                    "well_formed": well_formed,
                     "failure": _failure(res, ok),
                     "unparsed_lines": res.unparsed_lines,
                     "completion_tokens": res.completion_tokens,
