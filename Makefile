@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/diaggym preprocess --source agentclinic --input data/agentclinic/agentclinic_medqa.jsonl \
 		--out $(WORK)/demo/agentclinic
 	$(VENV)/bin/diaggym validate $(WORK)/demo/mimic-iv
-	./local_train.sh --cases $(WORK)/demo/mimic-iv --out $(DEMO_RUN)
+	./local_train.sh --config local --cases $(WORK)/demo/mimic-iv --out $(DEMO_RUN)
 	$(VENV)/bin/diaggym simulate --cases $(WORK)/demo/mimic-iv --model $(DEMO_RUN)/final \
 		--exam "Complete Blood Count (CBC)" --temperature 1.0 --top-p 0.95 --seed 0
 	@echo

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Single-node fine-tuning of the DiagGym world model.
 #
-#   ./local_train.sh                 CPU: bundled demo cases -> tiny local Qwen2 base -> train (~15 min on 2 cores)
+#   ./local_train.sh                 CPU: bundled demo cases -> tiny local Qwen2 base -> train (configs/train/quick.json,
+#                                    a few minutes on 2 cores; results parse with top-p 0.95)
+#   ./local_train.sh --config local  the evaluated demo model (12 epochs, ~18 min on 2 cores; well formed at T = 1)
 #   ./local_train.sh --gpus 8 --config reference --base /models/Qwen2.5-7B-Instruct --cases CASES_DIR
 #                                    the reference run (DeepSpeed ZeRO-2, bf16) through torchrun, same script
 #
@@ -11,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-GPUS=0 CONFIG=local CASES="" BASE="" PRESET=tiny OUT=""
+GPUS=0 CONFIG=quick CASES="" BASE="" PRESET=tiny OUT=""
 PASS=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -21,7 +23,7 @@ while [[ $# -gt 0 ]]; do
     --base) BASE="$2"; shift 2 ;;
     --preset) PRESET="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) PASS+=("$1"); shift ;;
   esac
 done

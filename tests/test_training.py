@@ -158,6 +158,14 @@ def test_bad_inputs_fail_before_training(setup, tmp_path):
         TrainConfig.from_file(bad)
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "train").glob("*.json")))
+def test_shipped_training_presets_load(name):
+    """Every preset in configs/train/ is a valid TrainConfig (a misspelled key would fail here, not mid-demo)."""
+    cfg = TrainConfig.from_file(name)
+    assert cfg.lr > 0 and cfg.max_length > 0 and (cfg.epochs > 0 or cfg.max_steps > 0)
+    assert cfg.extra.get("config") == name
+
+
 def test_deepspeed_zero2_runs_the_same_trainer_on_cpu(setup, tmp_path):
     cases, base = setup
     out = tmp_path / "ds"
