@@ -96,7 +96,10 @@ def probe_errors(engine: Engine, cases: list[Case], max_tokens: int = 160) -> di
             reqs.append(SimRequest.for_case(c, exam_name, events[:k]))
             real = next(it for it in c.exams[k].items or [] if it.name == analyte)
             truth.append(real.valuenum)
-        results = sim.simulate_many(reqs, SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0))
+        # One seed per case: a seeded sampler (the marginal baseline) draws per (seed, exam), so a shared
+        # seed would give every case the same draw, i.e. a random constant instead of marginal sampling.
+        params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=i) for i in range(len(reqs))]
+        results = sim.simulate_many(reqs, params)
         errs, missing = [], 0
         for res, t in zip(results, truth, strict=True):
             got = next((it.valuenum for it in res.items if it.name == analyte and it.valuenum is not None), None)
