@@ -3,7 +3,7 @@
 #
 #   ./local_train.sh                 CPU: bundled demo cases -> tiny local Qwen2 base -> train (configs/train/quick.json,
 #                                    a few minutes on 2 cores; results parse with top-p 0.95)
-#   ./local_train.sh --config local  the evaluated demo model (12 epochs, ~18 min on 2 cores; well formed at T = 1)
+#   ./local_train.sh --config local  the evaluated demo model (12 epochs, ~20 min on 2 cores; well formed at T = 1)
 #   ./local_train.sh --gpus 8 --config reference --base /models/Qwen2.5-7B-Instruct --cases CASES_DIR
 #                                    the reference run (DeepSpeed ZeRO-2, bf16) through torchrun, same script
 #
