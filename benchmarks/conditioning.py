@@ -1,10 +1,12 @@
 """Conditioning probe: train the local model on a cohort with planted dependencies, compare with baselines.
 
-    .venv/bin/python benchmarks/conditioning.py [--cases 600] [--steps 400] [--lr 3e-3] [--preset tiny]
+    .venv/bin/python benchmarks/conditioning.py [--cases 600] [--steps 800] [--lr 3e-3] [--preset tiny]
+        [--no-finding-plant]
 
 Writes ``benchmarks/results/conditioning.json``: mean absolute error of the planted analytes (Creatinine,
-shifted +3 sd by the diagnosis; "Lactate, repeat", the first Lactate + a small change) for the trained model
-(greedy), marginal sampling and the training median, on the held-out split.  See
+shifted +3 sd by the diagnosis; Procalcitonin, shifted +3 sd by an earlier X-ray finding; "Lactate, repeat",
+the first Lactate + a small change) for the trained model (greedy), marginal sampling and the training median,
+on the held-out split.  See
 :mod:`diaggym.evaluation.probe` for the cohort and :func:`~diaggym.evaluation.probe.run_probe` for the run.
 """
 
@@ -23,15 +25,18 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-finding-plant", dest="finding_plant", action="store_false", help="two plants only")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work" / "conditioning")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "conditioning.json")
     args = ap.parse_args()
-    res = run_probe(args.work, args.cases, args.steps, args.preset, args.lr, args.batch_size, args.seed)
+    res = run_probe(
+        args.work, args.cases, args.steps, args.preset, args.lr, args.batch_size, args.seed, args.finding_plant
+    )
     res["command"] = " ".join(["benchmarks/conditioning.py", *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")

@@ -7,7 +7,14 @@ from statistics import fmean
 import pytest
 
 from diaggym.engines import SamplingParams, make_engine
-from diaggym.evaluation.probe import DX_SHIFT, make_probe_cohort, probe_errors, run_probe
+from diaggym.evaluation.probe import (
+    DX_SHIFT,
+    XRAY_CLEAR,
+    XRAY_CONSOLIDATION,
+    make_probe_cohort,
+    probe_errors,
+    run_probe,
+)
 from diaggym.simulator import SimRequest, Simulator
 
 
@@ -51,6 +58,30 @@ def test_unconditional_baselines_cannot_use_the_plants():
         [SamplingParams(max_tokens=40, temperature=0.0, seed=i) for i in range(len(test))],
     )
     assert len({a.result for a in answers}) > len(test) // 3
+
+
+def test_finding_plant_adds_a_history_dependency_and_keeps_the_others():
+    plain, cohort = make_probe_cohort(600), make_probe_cohort(600, finding_plant=True)
+    for a, b in zip(plain, cohort, strict=True):  # the other values are those of the two-plant cohort
+        assert [e.model_dump(exclude={"group"}) for e in a.exams] == [
+            e.model_dump(exclude={"group"}) for e in b.exams if e.name not in ("Chest X-ray", "Procalcitonin")
+        ]
+    xray = {c.case_id: next(e.result for e in c.exams if e.name == "Chest X-ray") for c in cohort}
+    pct = {
+        v: [_value(c, "Procalcitonin", "Procalcitonin") for c in cohort if xray[c.case_id] == v]
+        for v in (XRAY_CONSOLIDATION, XRAY_CLEAR)
+    }
+    assert fmean(pct[XRAY_CONSOLIDATION]) - fmean(pct[XRAY_CLEAR]) == pytest.approx(0.3, abs=0.03)  # +3 sd of 0.1
+    # The finding is independent of the diagnosis: only the earlier result predicts Procalcitonin.
+    for v in pct:
+        assert 0.4 < fmean(c.final_diagnosis == DX_SHIFT for c in cohort if xray[c.case_id] == v) < 0.6
+    train = [c for c in cohort if c.split == "train"]
+    test = [c for c in cohort if c.split == "test"]
+    median = probe_errors(make_engine("median", cases=train), test)
+    marginal = probe_errors(make_engine("marginal", cases=train, seed=0), test)
+    # Reading the X-ray reaches ~0.08; unconditionally it is a 50/50 mixture of 0.4 and 0.7 (sd 0.1).
+    assert median["Procalcitonin MAE"] > 0.12 and marginal["Procalcitonin MAE"] > 0.15
+    assert "Procalcitonin MAE" not in probe_errors(make_engine("median", cases=train), plain[:20])
 
 
 @pytest.mark.integration

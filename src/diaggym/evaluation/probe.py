@@ -1,7 +1,7 @@
 """The conditioning probe: can the pipeline learn to condition on the patient, not just on the exam name?
 
 On the demo data a model can look good by writing plausible marginals.  This
-probe plants two dependencies in a synthetic cohort (in the normal case schema,
+probe plants two (or three) dependencies in a synthetic cohort (in the normal case schema,
 trained with the normal trainer) so that only a model that learned conditioning
 can beat the unconditional baselines on the planted analytes:
 
@@ -9,7 +9,12 @@ can beat the unconditional baselines on the planted analytes:
   +3 standard deviations (to 1.6) when the final diagnosis is "Acute kidney injury";
 * **history → value**: Lactate is measured early (N(2.5, 0.8) mmol/L) and repeated
   later as "Lactate, repeat" with a small change (+N(0.1, 0.05)), so the repeat is
-  predictable only from the first measurement in the history.
+  predictable only from the first measurement in the history;
+* optionally (``finding_plant=True``, the benchmark's default) **history → value by a
+  finding**: an early chest X-ray reads a consolidation in half the cases (at random,
+  independent of the diagnosis) and a later Procalcitonin is N(0.4, 0.1) ng/mL,
+  shifted by +3 standard deviations after a consolidation.  It has its own random
+  generator, so the other values are those of the cohort without it.
 
 Everything else (sodium, potassium, vital signs) is noise that does not depend on
 anything.  :func:`probe_errors` scores greedy generations of the planted analytes
@@ -31,7 +36,13 @@ from diaggym.splits import split_of
 
 DX_SHIFT = "Acute kidney injury"
 DX_OTHER = "Community-acquired pneumonia"
-PLANTED = (("Basic Metabolic Panel (BMP)", "Creatinine"), ("Lactate, repeat", "Lactate, repeat"))
+PLANTED = (
+    ("Basic Metabolic Panel (BMP)", "Creatinine"),
+    ("Procalcitonin", "Procalcitonin"),
+    ("Lactate, repeat", "Lactate, repeat"),
+)
+XRAY_CONSOLIDATION = "FINDINGS: Right lower lobe consolidation.\nIMPRESSION: Consolidation."
+XRAY_CLEAR = "FINDINGS: The lungs are clear.\nIMPRESSION: No acute cardiopulmonary process."
 
 
 def _item(name: str, x: float, unit: str, low: float, high: float, decimals: int = 1) -> LabItem:
@@ -39,11 +50,19 @@ def _item(name: str, x: float, unit: str, low: float, high: float, decimals: int
     return LabItem(name=name, value=v, valuenum=float(v), unit=unit, ref_low=low, ref_high=high)
 
 
-def make_probe_cohort(n: int = 600, seed: int = 0, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[Case]:
+def make_probe_cohort(
+    n: int = 600,
+    seed: int = 0,
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    finding_plant: bool = False,
+) -> list[Case]:
     """``n`` synthetic cases with the planted dependencies (deterministic in ``seed``)."""
     rng = random.Random(seed)
+    rng_xray = random.Random(f"{seed}:xray")
     cases = []
     for i in range(n):
+        consolidation = rng_xray.random() < 0.5
+        pct = rng_xray.gauss(0.7 if consolidation else 0.4, 0.1)
         aki = rng.random() < 0.5
         sex = rng.choice("FM")
         vitals = (
@@ -69,6 +88,16 @@ def make_probe_cohort(n: int = 600, seed: int = 0, ratios: tuple[float, float, f
                 items=[_item("Lactate, repeat", repeat, "mmol/L", 0.5, 2.0)],
             ),
         ]
+        if finding_plant:
+            xray = XRAY_CONSOLIDATION if consolidation else XRAY_CLEAR
+            procalcitonin = _item("Procalcitonin", max(0.01, pct), "ng/mL", 0.0, 0.5, 2)
+            exams = [
+                exams[0],
+                Exam(name="Chest X-ray", kind="radiology", group=1, result=xray),
+                *(e.model_copy(update={"group": e.group + 1}) for e in exams[1:3]),
+                Exam(name="Procalcitonin", kind="lab", group=4, items=[procalcitonin]),
+                exams[3].model_copy(update={"group": 5}),
+            ]
         key = f"probe:{seed}:{i}"
         cases.append(
             Case(
@@ -86,9 +115,11 @@ def make_probe_cohort(n: int = 600, seed: int = 0, ratios: tuple[float, float, f
 
 def probe_errors(engine: Engine, cases: list[Case], max_tokens: int = 160) -> dict[str, float | None]:
     """Mean absolute error of each planted analyte (greedy, true history); unparsed answers counted apart."""
-    sim = Simulator(engine, {"Lactate": "lab", "Basic Metabolic Panel (BMP)": "lab", "Lactate, repeat": "lab"})
+    present = {e.name for e in cases[0].exams} if cases else set()
+    planted = [(exam, analyte) for exam, analyte in PLANTED if exam in present]
+    sim = Simulator(engine, {exam: "lab" for exam, _ in planted})
     out: dict[str, float | None] = {}
-    for exam_name, analyte in PLANTED:
+    for exam_name, analyte in planted:
         reqs, truth = [], []
         for c in cases:
             events = case_events(c)
@@ -120,6 +151,7 @@ def run_probe(
     lr: float = 3e-3,
     batch_size: int = 8,
     seed: int = 0,
+    finding_plant: bool = False,
 ) -> dict:
     """Build the cohort, a base, train it with the normal trainer, and score it beside the baselines.
 
@@ -133,7 +165,7 @@ def run_probe(
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    cohort = make_probe_cohort(n_cases, seed)
+    cohort = make_probe_cohort(n_cases, seed, finding_plant=finding_plant)
     write_jsonl(cohort, work / "cases.jsonl")
     train_cases = [c for c in cohort if c.split == "train"]
     test_cases = [c for c in cohort if c.split == "test"]
@@ -167,6 +199,7 @@ def run_probe(
         "train_cases": len(train_cases),
         "test_cases": len(test_cases),
         "preset": preset,
+        "finding_plant": finding_plant,
         "steps": steps,
         "lr": lr,
         "batch_size": batch_size,
