@@ -77,27 +77,23 @@ def make_probe_cohort(
             _item("Potassium", rng.gauss(4.2, 0.4), "mEq/L", 3.5, 5.1),
             _item("Creatinine", creat, "mg/dL", 0.5, 1.2),
         ]
-        exams = [
-            Exam(name="PE: Vital Signs", kind="physical", group=0, result=vitals),
-            Exam(name="Lactate", kind="lab", group=1, items=[_item("Lactate", lact, "mmol/L", 0.5, 2.0)]),
-            Exam(name="Basic Metabolic Panel (BMP)", kind="lab", group=2, items=bmp),
-            Exam(
-                name="Lactate, repeat",
-                kind="lab",
-                group=3,
-                items=[_item("Lactate, repeat", repeat, "mmol/L", 0.5, 2.0)],
-            ),
+        # One exam per group, in chain order: the group is the position.
+        chain: list[tuple[str, dict]] = [("PE: Vital Signs", {"kind": "physical", "result": vitals})]
+        if finding_plant:
+            chain.append(
+                ("Chest X-ray", {"kind": "radiology", "result": XRAY_CONSOLIDATION if consolidation else XRAY_CLEAR})
+            )
+        chain += [
+            ("Lactate", {"kind": "lab", "items": [_item("Lactate", lact, "mmol/L", 0.5, 2.0)]}),
+            ("Basic Metabolic Panel (BMP)", {"kind": "lab", "items": bmp}),
         ]
         if finding_plant:
-            xray = XRAY_CONSOLIDATION if consolidation else XRAY_CLEAR
-            procalcitonin = _item("Procalcitonin", max(0.01, pct), "ng/mL", 0.0, 0.5, 2)
-            exams = [
-                exams[0],
-                Exam(name="Chest X-ray", kind="radiology", group=1, result=xray),
-                *(e.model_copy(update={"group": e.group + 1}) for e in exams[1:3]),
-                Exam(name="Procalcitonin", kind="lab", group=4, items=[procalcitonin]),
-                exams[3].model_copy(update={"group": 5}),
-            ]
+            pct_item = _item("Procalcitonin", max(0.01, pct), "ng/mL", 0.0, 0.5, 2)
+            chain.append(("Procalcitonin", {"kind": "lab", "items": [pct_item]}))
+        chain.append(
+            ("Lactate, repeat", {"kind": "lab", "items": [_item("Lactate, repeat", repeat, "mmol/L", 0.5, 2.0)]})
+        )
+        exams = [Exam(name=name, group=g, **fields) for g, (name, fields) in enumerate(chain)]
         key = f"probe:{seed}:{i}"
         cases.append(
             Case(
