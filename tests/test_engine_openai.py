@@ -6,7 +6,6 @@ No mock objects: the official ``openai`` client talks HTTP to uvicorn on 127.0.0
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -16,6 +15,7 @@ from diaggym.engines.base import EngineError, SamplingParams
 from diaggym.engines.baselines import ExamCatalog, MarginalEngine
 from diaggym.engines.openai_compat import OpenAIEngine, RemoteEngineError, map_finish_reason
 from diaggym.serialization import case_prompts, parse_prompt, parse_result
+from diaggym.testing import free_port
 from tests.openai_server import CompletionsServer
 
 FAST = {"timeout": 2.0, "backoff": 0.01}
@@ -47,12 +47,6 @@ def _fresh_server(server):
 
 def engine(server: CompletionsServer, model: str = "marginal", **kw) -> OpenAIEngine:
     return OpenAIEngine(server.base_url, model, **{**FAST, **kw})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------ happy path

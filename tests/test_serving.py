@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from diaggym.cases import SEP, load_cases
 from diaggym.serialization import case_events, render_context
+from diaggym.testing import diaggym_serve
 from tests.openai_server import CompletionsServer
-from tests.servers import diaggym_serve
 
 pytestmark = pytest.mark.integration
 
@@ -311,7 +311,7 @@ def test_not_ready_until_engine_answers_then_503_on_engine_failure(demo_out, tmp
 
 
 def test_server_reports_not_ready_when_predictor_is_down(tmp_path):
-    from tests.servers import free_port
+    from diaggym.testing import free_port
 
     proc, url = diaggym_serve(
         ["--engine", "openai", "--engine-url", f"http://127.0.0.1:{free_port()}/v1", "--request-timeout", "2"],
@@ -332,7 +332,7 @@ def test_server_reports_not_ready_when_predictor_is_down(tmp_path):
 # ---------------------------------------------------------------------------------------------- prometheus
 def test_real_prometheus_scrapes_the_server(marginal_server, tmp_path):
     """Debian's prometheus scrapes /metrics every second; one of our series comes back through its query API."""
-    from tests.servers import ServerProcess, free_port
+    from diaggym.testing import ServerProcess, free_port
 
     assert shutil.which("prometheus"), "prometheus missing: `make test` installs the Debian package"
     target = marginal_server.removeprefix("http://")

@@ -16,7 +16,8 @@ import pytest
 
 from diaggym.cases import SEP, load_cases
 from diaggym.serialization import render_context, render_prompt
-from tests.servers import ROOT, diaggym_serve
+from diaggym.testing import diaggym_serve
+from tests.conftest import ROOT
 from tests.vllm_server import VLLMServer, vllm_available
 
 pytestmark = pytest.mark.integration

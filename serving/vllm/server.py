@@ -26,7 +26,6 @@ import contextlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -35,16 +34,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
+from diaggym.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "work" / "vllm"
 INSTALL = "serving/vllm/install.sh"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (vLLM binds it itself a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
