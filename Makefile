@@ -34,12 +34,17 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines serving
 
-# Debian packages the integration tests start or call: prometheus (the server and promtool).
+# Debian packages the integration tests start or call: prometheus (server + promtool), chromium (the
+# hand-play page in a headless browser), postgresql (the registry's backend in tests), kubectl (kustomize).
+SYSTEM_DEPS := promtool:prometheus chromium:chromium initdb:postgresql kubectl:kubernetes-client
 system-deps:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	@missing=""; for pair in $(SYSTEM_DEPS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+		command -v $$cmd >/dev/null || [ -x /usr/lib/postgresql/15/bin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || { \
-			$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends prometheus; }; }
+		echo "installing Debian packages:$$missing"; \
+		$$SUDO apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || { \
+			$$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q --no-install-recommends $$missing; }; fi
 
 # vLLM's CPU build in its own venv (.venv-vllm) for the real-vLLM integration tests; instant once installed.
 vllm-venv:
