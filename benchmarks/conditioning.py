@@ -7,7 +7,7 @@ Writes ``benchmarks/results/conditioning.json``: mean absolute error of the plan
 shifted +3 sd by the diagnosis; Procalcitonin, shifted +3 sd by an earlier X-ray finding; "Lactate, repeat",
 the first Lactate + a small change) for the trained model (greedy), marginal sampling and the training median,
 on the held-out split.  See
-:mod:`diaggym.evaluation.probe` for the cohort and :func:`~diaggym.evaluation.probe.run_probe` for the run.
+:mod:`diaggym.probe` for the cohort and :func:`~diaggym.probe.run_probe` for the run.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    from diaggym.evaluation.probe import run_probe
+    from diaggym.probe import run_probe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=600)

@@ -1,4 +1,7 @@
-"""The conditioning probe: planted dependencies in the cohort, baselines cannot use them, a trained model can."""
+"""The conditioning probe: planted dependencies in the cohort, baselines cannot use them, the scoring and the run.
+
+Whether a trained model learns the plants is the benchmark's claim (``benchmarks/conditioning.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from statistics import fmean
 import pytest
 
 from diaggym.engines import SamplingParams, make_engine
-from diaggym.evaluation.probe import (
+from diaggym.engines.base import Completion, Engine
+from diaggym.probe import (
     DX_SHIFT,
     XRAY_CLEAR,
     XRAY_CONSOLIDATION,
@@ -15,6 +19,7 @@ from diaggym.evaluation.probe import (
     probe_errors,
     run_probe,
 )
+from diaggym.serialization import case_events, render_items
 from diaggym.simulator import SimRequest, Simulator
 
 
@@ -84,17 +89,65 @@ def test_finding_plant_adds_a_history_dependency_and_keeps_the_others():
     assert "Procalcitonin MAE" not in probe_errors(make_engine("median", cases=train), plain[:20])
 
 
-@pytest.mark.integration
-def test_trained_tiny_model_learns_the_diagnosis_conditioning(tmp_path):
-    """The normal trainer on the probe cohort: the model beats both baselines on the diagnosis-planted analyte.
+class _Lookup(Engine):
+    """Answers each prompt with a fixed text: the scoring is checked against answers whose errors are known."""
 
-    400 steps (about 4 minutes on 2 cores) are enough for the diagnosis -> Creatinine dependency; copying the
-    earlier Lactate takes the tiny model far longer and is not reliable (benchmarks/RESULTS.md), so here it
-    only has to be written in a parseable form.
+    name = "lookup"
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+
+    def _generate(self, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
+        return [Completion(self.answers[p], "stop", 0, 0) for p in prompts]
+
+
+def _answers(cases, shift: dict[str, float], junk: frozenset[str] = frozenset()) -> dict[str, str]:
+    """The prompt of each planted exam (true history) -> its real result, planted analytes moved by ``shift``."""
+    out = {}
+    for c in cases:
+        events = case_events(c)
+        for k, exam in enumerate(c.exams):
+            if exam.items is None:
+                continue
+            prompt = SimRequest.for_case(c, exam.name, events[:k]).prompt()
+            items = [it.model_copy(update={"valuenum": it.valuenum + shift.get(it.name, 0.0)}) for it in exam.items]
+            out[prompt] = "no result" if exam.name in junk else render_items(exam.name, items)
+    return out
+
+
+def test_probe_errors_are_the_mean_absolute_error_and_unparsed_answers_are_counted():
+    cases = [c for c in make_probe_cohort(200, seed=3, finding_plant=True) if c.split == "test"]
+    n = len(cases)
+    exact = probe_errors(_Lookup(_answers(cases, {})), cases)
+    assert exact == {
+        "Creatinine MAE": 0.0, "Creatinine unparsed": 0,
+        "Procalcitonin MAE": 0.0, "Procalcitonin unparsed": 0,
+        "Lactate, repeat MAE": 0.0, "Lactate, repeat unparsed": 0,
+    }
+    off = probe_errors(_Lookup(_answers(cases, {"Creatinine": 0.5, "Procalcitonin": -0.25})), cases)
+    assert off["Creatinine MAE"] == pytest.approx(0.5) and off["Procalcitonin MAE"] == pytest.approx(0.25)
+    assert off["Lactate, repeat MAE"] == 0.0  # only the named analyte of each planted exam is scored
+    junk = probe_errors(_Lookup(_answers(cases, {}, junk=frozenset({"Basic Metabolic Panel (BMP)"}))), cases)
+    assert junk["Creatinine MAE"] is None and junk["Creatinine unparsed"] == n  # never scored as 0
+    assert junk["Procalcitonin unparsed"] == 0
+
+
+@pytest.mark.integration
+def test_run_probe_trains_the_model_and_scores_it_beside_the_baselines(tmp_path):
+    """The mechanism: cohort -> base -> normal trainer -> three engines scored on the held-out split.
+
+    Whether the model *learns* the planted dependencies takes hundreds of steps and is measured by
+    ``benchmarks/conditioning.py`` (benchmarks/RESULTS.md), not here: a few steps only have to run the whole path.
     """
-    res = run_probe(tmp_path, n_cases=600, steps=400, preset="tiny", lr=3e-3, batch_size=8)
-    model, median, marginal = (res["errors"][k] for k in ("model (greedy)", "median", "marginal"))
-    assert res["val_loss_after"] < res["val_loss_before"] / 10
-    assert model["Creatinine unparsed"] == 0 and model["Lactate, repeat unparsed"] <= 3, res
-    best_baseline = min(median["Creatinine MAE"], marginal["Creatinine MAE"])
-    assert model["Creatinine MAE"] < 0.8 * best_baseline, res  # a clear margin (noise floor ~0.16, median ~0.30)
+    res = run_probe(tmp_path, n_cases=60, steps=2, preset="tiny", batch_size=2)
+    assert res["train_cases"] + res["test_cases"] < 60 and res["test_cases"] > 0
+    assert (tmp_path / "run" / "final" / "config.json").is_file() and (tmp_path / "cases.jsonl").is_file()
+    assert res["val_loss_before"] > 0 and res["val_loss_after"] > 0
+    assert set(res["errors"]) == {"model (greedy)", "marginal", "median"}
+    for name, errs in res["errors"].items():
+        assert set(errs) == {"Creatinine MAE", "Creatinine unparsed", "Lactate, repeat MAE", "Lactate, repeat unparsed"}
+        for analyte in ("Creatinine", "Lactate, repeat"):
+            # every test case is either scored or counted as unparsed: an MAE exists unless all were unparsed
+            assert 0 <= errs[f"{analyte} unparsed"] <= res["test_cases"], name
+            assert (errs[f"{analyte} MAE"] is None) == (errs[f"{analyte} unparsed"] == res["test_cases"]), name
+    assert res["errors"]["median"]["Creatinine unparsed"] == 0
