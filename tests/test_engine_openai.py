@@ -12,8 +12,9 @@ import pytest
 
 from diaggym.cases import load_cases
 from diaggym.engines.base import EngineError, SamplingParams
-from diaggym.engines.baselines import ExamCatalog, MarginalEngine
+from diaggym.engines.baselines import MarginalEngine
 from diaggym.engines.openai_compat import OpenAIEngine, RemoteEngineError, map_finish_reason
+from diaggym.exam_stats import TrainingStats
 from diaggym.serialization import case_prompts, parse_prompt, parse_result
 from diaggym.testing import free_port
 from tests.openai_server import CompletionsServer
@@ -22,9 +23,9 @@ FAST = {"timeout": 2.0, "backoff": 0.01}
 
 
 @pytest.fixture(scope="module")
-def catalog(demo_out) -> ExamCatalog:
+def catalog(demo_out) -> TrainingStats:
     out, _card = demo_out
-    return ExamCatalog.from_cases(load_cases(out / "cases.jsonl", split="train"))
+    return TrainingStats.from_cases(load_cases(out / "cases.jsonl", split="train"))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_completions_round_trip_through_the_official_client(server, catalog, pro
     assert [o.text for o in outs] == [o.text for o in local]  # the seed travels over HTTP
     for p, out in zip(prompts, outs, strict=True):
         exam = parse_prompt(p)[2]
-        assert out.text in catalog.results(exam)
+        assert out.text in catalog.get(exam).results
         assert parse_result(out.text, exam, catalog.kind(exam)).complete
         assert out.finish_reason == "stop"
         assert out.prompt_tokens == len(p.split())
@@ -91,7 +92,7 @@ def test_raw_text_is_cut_at_sep_and_eos_and_missing_usage_is_zero(server, catalo
     with engine(server, "raw") as eng:
         out = eng.generate([prompts[1]], SamplingParams(seed=1))[0]
     assert "<SEP>" not in out.text and "<|endoftext|>" not in out.text
-    assert out.text == out.text.strip() and out.text in catalog.results(parse_prompt(prompts[1])[2])
+    assert out.text == out.text.strip() and out.text in catalog.get(parse_prompt(prompts[1])[2]).results
     assert out.finish_reason == "stop"  # server gave no reason; the stop string was found
     assert (out.prompt_tokens, out.completion_tokens, out.cached_prompt_tokens) == (0, 0, 0)
 

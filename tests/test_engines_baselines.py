@@ -9,15 +9,8 @@ import pytest
 
 from diaggym.cases import Case, Exam, LabItem, Profile, load_cases
 from diaggym.engines.base import Completion, EngineError, SamplingParams
-from diaggym.engines.baselines import (
-    NORMAL_TEXT,
-    ExamCatalog,
-    MarginalEngine,
-    MedianEngine,
-    NormalEngine,
-    request_seed,
-)
-from diaggym.errors import InputError
+from diaggym.engines.baselines import NORMAL_TEXT, MarginalEngine, MedianEngine, NormalEngine, request_seed
+from diaggym.exam_stats import TrainingStats, exam_kinds
 from diaggym.serialization import EXAMS_HEADER, parse_result, render_prompt, render_result
 
 CONTEXT = "Sex: F\nAge: 67\n\nFinal Diagnosis:\nSepsis\n" + EXAMS_HEADER
@@ -31,15 +24,15 @@ def train(demo_out):
 
 
 @pytest.fixture(scope="module")
-def catalog(train) -> ExamCatalog:
-    return ExamCatalog.from_cases(train)
+def catalog(train) -> TrainingStats:
+    return TrainingStats.from_cases(train)
 
 
 def prompt(exam: str, history: list[tuple[str, str]] | None = None) -> str:
     return render_prompt(CONTEXT, history or [], exam)
 
 
-def lab_exams(catalog: ExamCatalog) -> list[str]:
+def lab_exams(catalog: TrainingStats) -> list[str]:
     return [name for name, s in catalog.exams.items() if s.is_lab]
 
 
@@ -51,9 +44,9 @@ def test_catalog_holds_every_training_exam_with_real_results(catalog, train):
     assert catalog.kind(CBC) == "lab"
     n_cbc = sum(1 for c in train for e in c.exams if e.name == CBC)
     assert catalog.get(CBC).n == n_cbc == sum(catalog.get(CBC).results.values())
-    assert "Hemoglobin" in catalog.typical_analytes(CBC)
-    assert catalog.unit(CBC, "Hemoglobin") == "g/dL"
-    low, high = catalog.ref_range(CBC, "Hemoglobin")
+    assert "Hemoglobin" in catalog.get(CBC).typical_analytes
+    assert catalog.analyte(CBC, "Hemoglobin").unit == "g/dL"
+    low, high = catalog.analyte(CBC, "Hemoglobin").ref_range
     assert low is not None and high is not None and low < high
 
 
@@ -66,31 +59,17 @@ def test_catalog_median_is_the_median_of_training_values(catalog, train):
         for it in e.items
         if it.name == "Hemoglobin" and it.valuenum is not None
     ]
-    assert catalog.median(CBC, "Hemoglobin") == statistics.median(values)
-    assert catalog.median("No Such Exam", "Hemoglobin") is None
+    assert catalog.analyte(CBC, "Hemoglobin").median == statistics.median(values)
+    assert catalog.analyte("No Such Exam", "Hemoglobin") is None
 
 
-def test_catalog_json_round_trip(catalog, tmp_path):
-    path = tmp_path / "catalog.json"
-    catalog.to_json(path)
-    back = ExamCatalog.from_json(path)
-    assert back == catalog
-    eng, eng_back = MarginalEngine(catalog, seed=3), MarginalEngine(back, seed=3)
-    prompts = [prompt(name) for name in list(catalog.exams)[:20]]
-    params = SamplingParams(seed=11)
-    assert [c.text for c in eng.generate(prompts, params)] == [c.text for c in eng_back.generate(prompts, params)]
-
-
-def test_catalog_json_errors_name_the_file(tmp_path):
-    with pytest.raises(InputError, match="no such exam catalog"):
-        ExamCatalog.from_json(tmp_path / "missing.json")
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"format": "something-else", "exams": {}}')
-    with pytest.raises(InputError, match="bad.json.*format"):
-        ExamCatalog.from_json(bad)
-    bad.write_text('{"format": "diaggym.exam-catalog/1", "exams": {"X": {"kind": "lab"}}}')
-    with pytest.raises(InputError, match="malformed"):
-        ExamCatalog.from_json(bad)
+def test_exam_kinds_first_case_decides_and_match_the_statistics(catalog, train):
+    assert catalog.kinds() == exam_kinds(train)
+    assert exam_kinds(train)["PE: Vital Signs"] == "physical" and exam_kinds(train)[CBC] == "lab"
+    cases = [_case(i, [LabItem(name="X", value="1", valuenum=1.0)]) for i in range(2)]
+    cases[1].exams[0] = Exam(name="Odd Panel", kind="other", group=1, result="Free text")
+    assert exam_kinds(cases) == {"Odd Panel": "lab"}
+    assert exam_kinds(reversed(cases)) == {"Odd Panel": "other"}
 
 
 # ------------------------------------------------------------------ outputs parse
@@ -108,7 +87,7 @@ def test_every_known_exam_gives_parseable_diaggym_v1(engine_cls, catalog):
         assert parsed.complete, (name, parsed.unparsed_lines)
         if catalog.get(name).is_lab:
             assert [it.name for it in parsed.items] == list(
-                catalog.typical_analytes(name)
+                catalog.get(name).typical_analytes
             ) or engine_cls is MarginalEngine
     assert engine.fallbacks == 0
 
@@ -147,7 +126,7 @@ def test_normal_uses_the_median_when_no_range_is_known(catalog):
     engine = NormalEngine(catalog)
     found = False
     for name in lab_exams(catalog):
-        for analyte in catalog.typical_analytes(name):
+        for analyte in catalog.get(name).typical_analytes:
             a = catalog.analyte(name, analyte)
             if a.is_numeric and a.ref_range == (None, None):
                 text = engine.generate([prompt(name)], SamplingParams(seed=0))[0].text
@@ -247,7 +226,7 @@ def test_median_engine_is_deterministic_and_uses_training_medians(catalog):
         if a.is_numeric:
             assert item.valuenum == pytest.approx(a.median, abs=10**-a.typical_decimals / 2 + 1e-9)
     free = engine.generate([prompt("Blood Culture, Routine")])[0].text
-    assert free == catalog.results("Blood Culture, Routine")[0]
+    assert free == catalog.get("Blood Culture, Routine").results.most_common(1)[0][0]
 
 
 # ------------------------------------------------------------------ bad prompts
@@ -294,8 +273,8 @@ def test_ranges_that_need_more_decimals_and_one_sided_ranges():
         )
         for i in range(5)
     ]
-    catalog = ExamCatalog.from_cases(cases)
-    assert catalog.median("Odd Panel", "Capped") == 50.0
+    catalog = TrainingStats.from_cases(cases)
+    assert catalog.analyte("Odd Panel", "Capped").median == 50.0
     engine = NormalEngine(catalog)
     for seed in range(20):
         text = engine.generate([prompt("Odd Panel")], SamplingParams(seed=seed))[0].text

@@ -284,11 +284,12 @@ def test_concurrent_requests_are_batched_and_prefix_cached(model_server, demo_ca
 
 # ---------------------------------------------------------------------------------------------- engine failures
 def test_not_ready_until_engine_answers_then_503_on_engine_failure(demo_out, tmp_path):
-    from diaggym.engines.baselines import ExamCatalog, MarginalEngine
+    from diaggym.engines.baselines import MarginalEngine
+    from diaggym.exam_stats import TrainingStats
 
     out, _ = demo_out
     cases = [c for c in load_cases(out / "cases.jsonl") if c.split == "train"]
-    backend = CompletionsServer(MarginalEngine(ExamCatalog.from_cases(cases))).start()
+    backend = CompletionsServer(MarginalEngine(TrainingStats.from_cases(cases))).start()
     proc, url = diaggym_serve(
         ["--engine", "openai", "--engine-url", backend.base_url, "--request-timeout", "5"], tmp_path / "openai.log"
     )

@@ -80,15 +80,14 @@ def build_model(args: argparse.Namespace):
     """Engine + catalog + cases → a :class:`DiagGymModel` (not yet warmed up)."""
     from diaggym.cases import load_cases
     from diaggym.engines import make_engine
-    from diaggym.engines.baselines import ExamCatalog
+    from diaggym.exam_stats import exam_kinds
     from diaggym_serving.model import DiagGymModel, Limits
 
     url = args.engine_url or (f"http://{args.predictor_host}/v1" if args.predictor_host else None)
     engine_kind = args.engine or ("openai" if url else "transformers")
     cases = list(load_cases(args.cases)) if args.cases else []
     train = [c for c in cases if c.split in (None, "train")]
-    catalog = ExamCatalog.from_cases(train) if train else None
-    kinds = {name: stats.kind for name, stats in catalog.exams.items()} if catalog else {}
+    kinds = exam_kinds(train)
     model_dir = args.model_dir
     if engine_kind == "transformers" and model_dir is None and Path("/mnt/models/config.json").is_file():
         model_dir = "/mnt/models"

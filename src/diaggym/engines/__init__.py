@@ -41,10 +41,11 @@ def make_engine(
     if kind in ("normal", "marginal", "median"):
         if not cases:
             raise InputError(f"the {kind} baseline needs training cases (--cases DIR)")
-        from diaggym.engines.baselines import ExamCatalog, MarginalEngine, MedianEngine, NormalEngine
+        from diaggym.engines.baselines import MarginalEngine, MedianEngine, NormalEngine
+        from diaggym.exam_stats import TrainingStats
 
-        catalog = ExamCatalog.from_cases(cases)
+        stats = TrainingStats.from_cases(cases)
         if kind == "median":
-            return MedianEngine(catalog)
-        return (NormalEngine if kind == "normal" else MarginalEngine)(catalog, seed=seed)
+            return MedianEngine(stats)
+        return (NormalEngine if kind == "normal" else MarginalEngine)(stats, seed=seed)
     raise InputError(f"unknown engine {kind!r}; choose one of: {', '.join(ENGINES)}")

@@ -7,10 +7,9 @@ sampling*, a random real result of the same exam.  A third baseline, the trainin
 useful floor for numeric error metrics.  None of them looks at the patient: they
 read only the requested exam name from the prompt (:func:`serialization.parse_prompt`).
 
-Everything they need is condensed into an :class:`ExamCatalog` (per exam: kind, real
-result texts, typical analyte list; per analyte: units, reference ranges, numeric
-values, value decimals).  The catalog saves to JSON so that a server can carry it
-without the cases.
+Everything they need comes from :class:`~diaggym.exam_stats.TrainingStats` (per exam: kind,
+real result texts, typical analyte list; per analyte: units, reference ranges, numeric
+values, value decimals), rebuilt from the training cases when an engine is made.
 
 Because the baselines implement :class:`~diaggym.engines.base.Engine`, the evaluator
 and the server treat them exactly like the world model: same prompts, same
@@ -24,22 +23,15 @@ import hashlib
 import json
 import math
 import random
-import re
-import statistics
 import threading
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from decimal import Decimal
-from pathlib import Path
 
-from diaggym.atomic import atomic_file
-from diaggym.cases import Case, Exam, LabItem
+from diaggym.cases import Exam, LabItem
 from diaggym.engines.base import Completion, Engine, EngineError, SamplingParams
-from diaggym.errors import InputError
+from diaggym.exam_stats import AnalyteStats, ExamStats, TrainingStats
 from diaggym.serialization import parse_prompt, render_result
 
-CATALOG_FORMAT = "diaggym.exam-catalog/1"
 FALLBACK_TEXT = "Normal."
 # What a rule-based simulator says about a free-text exam it has no record of.
 NORMAL_TEXT: dict[str, str] = {
@@ -49,219 +41,7 @@ NORMAL_TEXT: dict[str, str] = {
     "other": "Normal.",
     "lab": "Normal.",
 }
-_PLAIN_NUMBER = re.compile(r"^-?\d+(?:\.(\d+))?$")
 _MAX_DECIMALS = 6
-
-
-# --------------------------------------------------------------------------- catalog
-def _decimals(value: str | None, valuenum: float) -> int:
-    """Decimals of a real value as written ("1.84" → 2); from the number when the text is masked ("___")."""
-    m = _PLAIN_NUMBER.match(value or "")
-    if m:
-        return len(m.group(1) or "")
-    text = repr(float(valuenum))
-    return 0 if text.endswith(".0") or "e" in text else len(text.split(".", 1)[1])
-
-
-def _mode(counter: Counter) -> object | None:
-    """Most common key (first seen wins ties), or None when empty."""
-    return counter.most_common(1)[0][0] if counter else None
-
-
-@dataclass
-class AnalyteStats:
-    """What the training split says about one analyte of one exam."""
-
-    n: int = 0
-    units: Counter[str] = field(default_factory=Counter)
-    ranges: Counter[tuple[float | None, float | None]] = field(default_factory=Counter)
-    values: list[float] = field(default_factory=list)
-    decimals: Counter[int] = field(default_factory=Counter)
-    texts: Counter[tuple[str | None, str | None]] = field(default_factory=Counter)  # (value, comment), no number
-
-    def add(self, item: LabItem) -> None:
-        self.n += 1
-        if item.unit is not None:
-            self.units[item.unit] += 1
-        if item.ref_low is not None or item.ref_high is not None:
-            self.ranges[(item.ref_low, item.ref_high)] += 1
-        if item.valuenum is not None:
-            self.values.append(item.valuenum)
-            self.decimals[_decimals(item.value, item.valuenum)] += 1
-        else:
-            self.texts[(item.value, item.comment)] += 1
-
-    @property
-    def unit(self) -> str | None:
-        return _mode(self.units)  # type: ignore[return-value]
-
-    @property
-    def ref_range(self) -> tuple[float | None, float | None]:
-        """Most common (ref_low, ref_high); (None, None) when no range was ever recorded."""
-        return _mode(self.ranges) or (None, None)  # type: ignore[return-value]
-
-    @property
-    def is_numeric(self) -> bool:
-        """True when most occurrences carry a numeric value (else the analyte is qualitative, e.g. "NEG")."""
-        return bool(self.values) and len(self.values) >= sum(self.texts.values())
-
-    @property
-    def median(self) -> float | None:
-        return statistics.median(self.values) if self.values else None
-
-    @property
-    def typical_decimals(self) -> int:
-        return _mode(self.decimals) or 0  # type: ignore[return-value]
-
-    @property
-    def typical_text(self) -> tuple[str | None, str | None]:
-        """Most common (value, comment) among occurrences without a number."""
-        return _mode(self.texts) or (None, None)  # type: ignore[return-value]
-
-    def to_dict(self) -> dict:
-        return {
-            "n": self.n,
-            "units": [[u, c] for u, c in self.units.items()],
-            "ranges": [[lo, hi, c] for (lo, hi), c in self.ranges.items()],
-            "values": self.values,
-            "decimals": [[d, c] for d, c in self.decimals.items()],
-            "texts": [[v, cm, c] for (v, cm), c in self.texts.items()],
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AnalyteStats:
-        return cls(
-            n=int(d["n"]),
-            units=Counter({u: c for u, c in d["units"]}),
-            ranges=Counter({(lo, hi): c for lo, hi, c in d["ranges"]}),
-            values=[float(v) for v in d["values"]],
-            decimals=Counter({int(k): c for k, c in d["decimals"]}),
-            texts=Counter({(v, cm): c for v, cm, c in d["texts"]}),
-        )
-
-
-@dataclass
-class ExamStats:
-    """What the training split says about one exam: kind, real results, analytes."""
-
-    kind: str
-    n: int = 0
-    results: Counter[str] = field(default_factory=Counter)  # rendered result text → count
-    panels: Counter[tuple[str, ...]] = field(default_factory=Counter)  # analyte-name list → count
-    analytes: dict[str, AnalyteStats] = field(default_factory=dict)
-
-    def add(self, exam: Exam) -> None:
-        self.n += 1
-        self.results[render_result(exam)] += 1
-        if exam.items is not None:
-            self.panels[tuple(it.name for it in exam.items)] += 1
-            for it in exam.items:
-                self.analytes.setdefault(it.name, AnalyteStats()).add(it)
-
-    @property
-    def typical_analytes(self) -> tuple[str, ...]:
-        """The most common analyte list; empty for free-text exams."""
-        return _mode(self.panels) or ()  # type: ignore[return-value]
-
-    @property
-    def is_lab(self) -> bool:
-        return bool(self.panels)
-
-    def to_dict(self) -> dict:
-        return {
-            "kind": self.kind,
-            "n": self.n,
-            "results": [[t, c] for t, c in self.results.items()],
-            "panels": [[list(p), c] for p, c in self.panels.items()],
-            "analytes": {name: a.to_dict() for name, a in self.analytes.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExamStats:
-        return cls(
-            kind=str(d["kind"]),
-            n=int(d["n"]),
-            results=Counter({t: c for t, c in d["results"]}),
-            panels=Counter({tuple(p): c for p, c in d["panels"]}),
-            analytes={name: AnalyteStats.from_dict(a) for name, a in d["analytes"].items()},
-        )
-
-
-@dataclass
-class ExamCatalog:
-    """Per exam name: its :class:`ExamStats`, built from (training) cases."""
-
-    exams: dict[str, ExamStats] = field(default_factory=dict)
-
-    @classmethod
-    def from_cases(cls, cases: Iterable[Case]) -> ExamCatalog:
-        exams: dict[str, ExamStats] = {}
-        for case in cases:
-            for exam in case.exams:
-                exams.setdefault(exam.name, ExamStats(kind=exam.kind)).add(exam)
-        return cls(exams)
-
-    # ----------------------------------------------------------------- queries
-    def __contains__(self, exam: object) -> bool:
-        return exam in self.exams
-
-    def __len__(self) -> int:
-        return len(self.exams)
-
-    def get(self, exam: str) -> ExamStats | None:
-        return self.exams.get(exam)
-
-    def analyte(self, exam: str, analyte: str) -> AnalyteStats | None:
-        stats = self.exams.get(exam)
-        return stats.analytes.get(analyte) if stats else None
-
-    def kind(self, exam: str) -> str | None:
-        stats = self.exams.get(exam)
-        return stats.kind if stats else None
-
-    def results(self, exam: str) -> list[str]:
-        """Every distinct real result text of ``exam`` (most common first)."""
-        stats = self.exams.get(exam)
-        return [t for t, _ in stats.results.most_common()] if stats else []
-
-    def typical_analytes(self, exam: str) -> tuple[str, ...]:
-        stats = self.exams.get(exam)
-        return stats.typical_analytes if stats else ()
-
-    def median(self, exam: str, analyte: str) -> float | None:
-        a = self.analyte(exam, analyte)
-        return a.median if a else None
-
-    def ref_range(self, exam: str, analyte: str) -> tuple[float | None, float | None]:
-        a = self.analyte(exam, analyte)
-        return a.ref_range if a else (None, None)
-
-    def unit(self, exam: str, analyte: str) -> str | None:
-        a = self.analyte(exam, analyte)
-        return a.unit if a else None
-
-    # ----------------------------------------------------------------- persistence
-    def to_json(self, path: str | Path) -> None:
-        doc = {"format": CATALOG_FORMAT, "exams": {name: s.to_dict() for name, s in self.exams.items()}}
-        with atomic_file(path) as fh:
-            json.dump(doc, fh, ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> ExamCatalog:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError("no such exam catalog file", path)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise InputError(f"not valid JSON ({err.msg})", path) from None
-        if not isinstance(doc, dict) or doc.get("format") != CATALOG_FORMAT:
-            found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-            raise InputError(f"field 'format' is {found!r}, expected {CATALOG_FORMAT!r}", path)
-        try:
-            return cls({name: ExamStats.from_dict(s) for name, s in doc["exams"].items()})
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise InputError(f"malformed exam catalog ({type(err).__name__}: {err})", path) from None
 
 
 # --------------------------------------------------------------------------- values
@@ -347,8 +127,8 @@ def exam_from_prompt(prompt: str) -> str:
         raise EngineError(f"bad prompt: {err}", reason="bad_prompt") from None
 
 
-class CatalogEngine(Engine):
-    """Shared machinery: read the exam from the prompt, answer from the catalog, count fallbacks.
+class StatsEngine(Engine):
+    """Shared machinery: read the exam from the prompt, answer from the training statistics, count fallbacks.
 
     Token counts are rough (:func:`rough_tokens`: words, not tokenizer tokens).  ``finish_reason`` is
     always ``"stop"``: a baseline writes whole results and ignores ``max_tokens``, ``temperature`` and
@@ -357,11 +137,11 @@ class CatalogEngine(Engine):
     stream is used.
     """
 
-    name = "catalog"
+    name = "stats"
     fallback_reason = "unseen_exam"
 
-    def __init__(self, catalog: ExamCatalog, seed: int = 0) -> None:
-        self.catalog = catalog
+    def __init__(self, stats: TrainingStats, seed: int = 0) -> None:
+        self.stats = stats
         self.seed = seed
         self.fallbacks = 0
         self.fallback_exams: Counter[str] = Counter()
@@ -373,7 +153,7 @@ class CatalogEngine(Engine):
 
     def _complete(self, prompt: str, params: SamplingParams) -> Completion:
         exam = exam_from_prompt(prompt)
-        stats = self.catalog.get(exam)
+        stats = self.stats.get(exam)
         if stats is None:
             self._count_fallback(exam)
             text, meta = FALLBACK_TEXT, {"fallback": self.fallback_reason}
@@ -402,7 +182,7 @@ class CatalogEngine(Engine):
         raise NotImplementedError
 
 
-class NormalEngine(CatalogEngine):
+class NormalEngine(StatsEngine):
     """Normal readings: typical analytes inside their reference ranges; a fixed normal sentence for free text.
 
     Numeric analytes are drawn uniformly inside the most common reference range, written with the
@@ -420,7 +200,7 @@ class NormalEngine(CatalogEngine):
         return NORMAL_TEXT.get(stats.kind, FALLBACK_TEXT)
 
 
-class MarginalEngine(CatalogEngine):
+class MarginalEngine(StatsEngine):
     """Marginal sampling: a random real result of the same exam from the training split (by frequency).
 
     An exam never seen in training answers ``"Normal."`` with ``meta={"fallback": "unseen_exam"}`` and
@@ -434,13 +214,13 @@ class MarginalEngine(CatalogEngine):
         return rng.choices(texts, weights=[stats.results[t] for t in texts], k=1)[0]
 
 
-class MedianEngine(CatalogEngine):
+class MedianEngine(StatsEngine):
     """Deterministic: each typical analyte at its training median; free text: the most common real text."""
 
     name = "median"
 
-    def __init__(self, catalog: ExamCatalog) -> None:
-        super().__init__(catalog, seed=0)
+    def __init__(self, stats: TrainingStats) -> None:
+        super().__init__(stats, seed=0)
 
     def _answer(self, exam: str, stats: ExamStats, rng: random.Random) -> str:
         if stats.is_lab:

@@ -22,12 +22,12 @@ import math
 from collections.abc import Sequence
 
 from diaggym.cases import LabItem
-from diaggym.engines.baselines import ExamCatalog
+from diaggym.exam_stats import TrainingStats
 
 MAX_Z = 5.0
 
 
-def analyte_sd(catalog: ExamCatalog, exam: str, analyte: str) -> float | None:
+def analyte_sd(catalog: TrainingStats, exam: str, analyte: str) -> float | None:
     a = catalog.analyte(exam, analyte)
     if a is None or len(a.values) < 2:
         return None
@@ -37,7 +37,7 @@ def analyte_sd(catalog: ExamCatalog, exam: str, analyte: str) -> float | None:
 
 
 def standardized_errors(
-    catalog: ExamCatalog, exam: str, real: Sequence[LabItem], gen: Sequence[LabItem]
+    catalog: TrainingStats, exam: str, real: Sequence[LabItem], gen: Sequence[LabItem]
 ) -> tuple[list[float], int]:
     """(capped |z| per shared numeric analyte, number of real numeric analytes)."""
     gen_by = {g.name: g for g in gen if g.valuenum is not None}
@@ -55,7 +55,7 @@ def standardized_errors(
     return errs, n_real
 
 
-def lab_similarity(catalog: ExamCatalog, exam: str, real: Sequence[LabItem], gen: Sequence[LabItem]) -> float | None:
+def lab_similarity(catalog: TrainingStats, exam: str, real: Sequence[LabItem], gen: Sequence[LabItem]) -> float | None:
     errs, n_real = standardized_errors(catalog, exam, real, gen)
     if n_real == 0:
         return None
@@ -68,7 +68,7 @@ def text_similarity(cos: float) -> float:
     return 5.0 * max(0.0, float(cos))
 
 
-def chain_consistency(catalog: ExamCatalog, chain: Sequence[tuple[str, Sequence[LabItem]]]) -> tuple[bool, list[str]]:
+def chain_consistency(catalog: TrainingStats, chain: Sequence[tuple[str, Sequence[LabItem]]]) -> tuple[bool, list[str]]:
     """(pass, reasons for failing) for one chain of (exam name, parsed analytes)."""
     seen: dict[str, tuple[str | None, float | None, str]] = {}
     problems: list[str] = []

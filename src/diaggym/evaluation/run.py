@@ -25,9 +25,9 @@ import numpy as np
 
 from diaggym.cases import Case, LabItem
 from diaggym.engines import Engine, EngineError, SamplingParams
-from diaggym.engines.baselines import ExamCatalog
 from diaggym.evaluation import auto
 from diaggym.evaluation.judge import Judge
+from diaggym.exam_stats import TrainingStats
 from diaggym.metrics import num_var, num_wdist, text_diversity, text_fid
 from diaggym.serialization import case_events, render_result
 from diaggym.simulator import SimRequest, SimResult, Simulator
@@ -121,14 +121,14 @@ def evaluate_engine(
     name: str,
     engine: Engine,
     cases: list[Case],
-    catalog: ExamCatalog,
+    catalog: TrainingStats,
     settings: EvalSettings,
     embedder: Embedder | None,
     judge: Judge | None = None,
 ) -> EngineReport:
     """Run the three levels for one engine; returns raw metrics and what was skipped."""
     rep = EngineReport(name)
-    kinds = {n: s.kind for n, s in catalog.exams.items()}
+    kinds = catalog.kinds()
     sim = Simulator(engine, kinds)
     cases = cases[: settings.max_cases] if settings.max_cases else cases
     base = SamplingParams(
@@ -325,7 +325,7 @@ def evaluate(
     cases = [c for c in all_cases if c.split == split]
     if not cases:
         raise InputError(f"the {split!r} split is empty: nothing to evaluate", cases_dir)
-    catalog = ExamCatalog.from_cases(train)
+    catalog = TrainingStats.from_cases(train)
     embedder = Embedder(embedding_model) if use_embeddings else None
     real_values, real_texts = real_distributions(cases[: settings.max_cases] if settings.max_cases else cases)
     doc: dict = {
