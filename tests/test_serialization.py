@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -14,6 +15,7 @@ from diaggym.serialization import (
     EXAMS_HEADER,
     case_prompts,
     clean_completion,
+    format_number,
     parse_result,
     render_context,
     render_event,
@@ -85,6 +87,8 @@ def test_training_text_ends_with_eos_and_loss_part_starts_after_context():
 def test_clean_completion_cuts_at_sep_and_eos():
     assert clean_completion("  Value: 1 <SEP>Exam name:\nX") == "Value: 1"
     assert clean_completion("text<|endoftext|>junk", "<|endoftext|>") == "text"
+    assert clean_completion("text<|endoftext|>junk") == "text"  # a stop string whatever the tokenizer
+    assert clean_completion("text<|im_end|>junk", "<|im_end|>") == "text"
 
 
 # ------------------------------------------------------------------ parsing generated text
@@ -142,6 +146,56 @@ def test_render_parse_round_trip(items, exam_name, same_name):
     parsed = parse_result(render_result(exam), exam.name)
     assert parsed.items == exam.items
     assert parsed.complete
+
+
+# ------------------------------------------------------------------ numbers
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [
+        (16, "16.0"),
+        (0.1, "0.1"),
+        (1e-05, "0.00001"),
+        (-2.5e-07, "-0.00000025"),
+        (1e16, "10000000000000000.0"),
+        (1.5e22, "15000000000000000000000.0"),
+        (123456.789, "123456.789"),
+        (-0.0, "-0.0"),
+    ],
+)
+def test_format_number_golden(x, text):
+    assert format_number(x) == text
+
+
+def test_format_number_refuses_non_finite():
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not finite"):
+            format_number(bad)
+
+
+def test_tiny_value_is_written_in_plain_decimals_as_the_reference_parsers_need():
+    item = LabItem(name="Troponin T", value="<0.01", valuenum=1e-05, unit="ng/mL", ref_low=0.0, ref_high=1e-02)
+    text = render_result(Exam(name="Troponin T", kind="lab", group=1, items=[item]))
+    assert text == "Value: <0.01; Numeric Value: 0.00001; Units: ng/mL; Reference Range: 0.0 - 0.01"
+
+
+_tiny_or_huge = st.one_of(
+    st.floats(min_value=-1e-4, max_value=1e-4, allow_nan=False),  # subnormals included
+    st.floats(allow_nan=False, allow_infinity=False).filter(lambda v: abs(v) >= 1e15),
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+)
+
+
+@settings(max_examples=500)
+@given(x=_tiny_or_huge)
+def test_every_number_is_plain_decimal_and_reads_back_exactly(x):
+    text = format_number(x)
+    assert "e" not in text and "E" not in text
+    assert "." in text and float(text) == x
+    assert text == text.strip() and not text.startswith("+")
+    item = LabItem(name="A", valuenum=x, ref_low=x, ref_high=x)
+    rendered = render_result(Exam(name="A", kind="lab", group=1, items=[item]))
+    assert not re.search(r"\d[eE]", rendered), rendered
+    assert parse_result(rendered, "A").items == [item]
 
 
 # ------------------------------------------------------------------ bundled data

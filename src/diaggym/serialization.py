@@ -1,6 +1,6 @@
 """Format ``diaggym-v1``: the exact text the world model reads and writes.
 
-This is the one module that knows the format (ARCHITECTURE.md, contract 2).  It
+This is the one module that knows the format (docs/architecture.md, contract 2).  It
 must stay compatible with the published DiagGym weights, whose reference client
 builds prompts as::
 
@@ -15,15 +15,20 @@ A lab analyte renders as ``Value: 16; Numeric Value: 16.0; Units: mEq/L;
 Reference Range: 8.0 - 20.0`` (missing parts omitted); a panel renders one line
 per analyte prefixed with ``{Analyte}: ``.  :func:`parse_result` is the exact
 inverse for everything the case schema admits (``flag`` is not part of the
-text: abnormality is read from the value against the range).
+text: abnormality is read from the value against the range).  Every number is
+written by :func:`format_number` (plain decimal, never ``1e-05``).  A training
+text ends with :data:`END_OF_TEXT` as the reference's does, and generation stops
+at :data:`STOP_STRINGS`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from pydantic import ValidationError
 
@@ -31,6 +36,11 @@ from diaggym.cases import LAB_KEYS, SEP, Case, Exam, LabItem, Profile
 
 FORMAT = "diaggym-v1"
 EXAMS_HEADER = "The following summarizes the results from the patient's medical examination:\n"
+# The reference appends this literal to every training text: Qwen2.5's end-of-document token.  A
+# Qwen2.5-*Instruct* tokenizer's ``eos_token`` is ``<|im_end|>``, so the tokenizer's EOS is not used blindly.
+END_OF_TEXT = "<|endoftext|>"
+# Where generation ends: after one result (``<SEP>``) or at the end of the case.
+STOP_STRINGS: tuple[str, ...] = (SEP, END_OF_TEXT)
 
 # Profile fields rendered note-style when the case has no verbatim note header.
 PROFILE_FIELDS: tuple[tuple[str, str], ...] = (
@@ -65,18 +75,28 @@ def render_context(profile: Profile, final_diagnosis: str) -> str:
     return f"{render_profile(profile)}\n\nFinal Diagnosis:\n{final_diagnosis.strip()}\n{EXAMS_HEADER}"
 
 
-def _num(x: float) -> str:
-    # repr() is the shortest string that round-trips, and gives "16.0" for 16 as the reference does.
-    return repr(float(x))
+def format_number(x: float) -> str:
+    """The one way a number is written in diaggym-v1: plain decimal, never exponent form.
+
+    The digits are those of ``repr`` (the shortest string that reads back as the same float), so
+    ``float(format_number(x)) == x``; an integral value keeps its ``.0`` ("16.0", as the reference
+    writes it).  ``repr`` alone would give ``1e-05`` or ``1e+16``, which the reference parsers cannot
+    read, so the decimal point is moved instead.
+    """
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"cannot write {x!r} as a diaggym-v1 number (not finite)")
+    text = format(Decimal(repr(x)), "f")
+    return text if "." in text else text + ".0"
 
 
 def render_range(low: float | None, high: float | None) -> str | None:
     if low is not None and high is not None:
-        return f"{_num(low)} - {_num(high)}"
+        return f"{format_number(low)} - {format_number(high)}"
     if low is not None:
-        return f">= {_num(low)}"
+        return f">= {format_number(low)}"
     if high is not None:
-        return f"<= {_num(high)}"
+        return f"<= {format_number(high)}"
     return None
 
 
@@ -86,7 +106,7 @@ def render_item(item: LabItem, with_name: bool = True) -> str:
     if item.value is not None:
         parts.append(f"Value: {item.value}")
     if item.valuenum is not None:
-        parts.append(f"Numeric Value: {_num(item.valuenum)}")
+        parts.append(f"Numeric Value: {format_number(item.valuenum)}")
     if item.unit is not None:
         parts.append(f"Units: {item.unit}")
     rng = render_range(item.ref_low, item.ref_high)
@@ -159,10 +179,18 @@ def shuffled_order(case: Case, rng: random.Random) -> list[int]:
     return order
 
 
+def end_of_text(tokenizer) -> str | None:
+    """The token that ends a training text for ``tokenizer``: ``<|endoftext|>`` when its vocabulary has it
+    (Qwen2.5 base and Instruct both do), else the tokenizer's own EOS (``None`` when it has none)."""
+    if END_OF_TEXT in tokenizer.get_vocab():
+        return END_OF_TEXT
+    return tokenizer.eos_token or None
+
+
 def training_text(case: Case, eos_token: str, order: Sequence[int] | None = None) -> tuple[str, str]:
     """(context, target): the model is trained on ``context + target`` with loss on ``target`` only.
 
-    ``target`` = every event (ending in ``<SEP>``) followed by the tokenizer's EOS.
+    ``target`` = every event (ending in ``<SEP>``) followed by the end token (:func:`end_of_text`).
     """
     context = render_context(case.profile, case.final_diagnosis)
     body = "".join(render_event(n, r) for n, r in case_events(case, order))
@@ -171,10 +199,10 @@ def training_text(case: Case, eos_token: str, order: Sequence[int] | None = None
 
 # --------------------------------------------------------------------------- parsing
 def clean_completion(text: str, eos_token: str | None = None) -> str:
-    """Cut a raw generation at the first ``<SEP>`` (and EOS) and strip it, as the stop strings do."""
-    cut = text.split(SEP, 1)[0]
-    if eos_token:
-        cut = cut.split(eos_token, 1)[0]
+    """Cut a raw generation at the first stop string (or ``eos_token``) and strip it, as the stops do."""
+    cut = text
+    for stop in (*STOP_STRINGS, *((eos_token,) if eos_token else ())):
+        cut = cut.split(stop, 1)[0]
     return cut.strip()
 
 

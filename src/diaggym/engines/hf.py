@@ -82,6 +82,7 @@ import numpy as np
 
 from diaggym.engines.base import Completion, Engine, EngineError, FinishReason, SamplingParams, cut_at_stop
 from diaggym.errors import InputError
+from diaggym.serialization import end_of_text
 
 log = logging.getLogger(__name__)
 
@@ -499,7 +500,8 @@ class TransformersEngine(Engine):
         _use_engine_attention(self.model)
         self.ragged_decode = self.device.type == "cpu" if ragged_decode is None else ragged_decode
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
-        self.eos_token = eos_token if eos_token is not None else self.tokenizer.eos_token
+        # <|endoftext|> when the tokenizer has it (what training appends), not an Instruct tokenizer's <|im_end|>
+        self.eos_token = eos_token if eos_token is not None else end_of_text(self.tokenizer)
         eos_id = self.tokenizer.convert_tokens_to_ids(self.eos_token) if self.eos_token else None
         unk = self.tokenizer.unk_token_id
         self.eos_id: int | None = eos_id if isinstance(eos_id, int) and (unk is None or eos_id != unk) else None

@@ -31,6 +31,7 @@ from typing import Any
 import openai
 
 from diaggym.engines.base import Completion, Engine, EngineError, FinishReason, SamplingParams, cut_at_stop
+from diaggym.serialization import END_OF_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class OpenAIEngine(Engine):
         max_retries: int = 3,
         backoff: float = 0.5,
         concurrency: int = 16,
-        tokenizer_eos: str | None = "<|endoftext|>",
+        tokenizer_eos: str | None = END_OF_TEXT,
     ) -> None:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")

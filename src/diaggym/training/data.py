@@ -1,7 +1,10 @@
-"""Cases → token sequences for causal-LM training (contract 2).
+"""Cases → token sequences for causal-LM training (docs/architecture.md, contract 2).
 
-Each case becomes ``context + events + EOS``.  The loss covers everything
-after the context (exam names, results, ``<SEP>``, EOS): the model must learn
+Each case becomes the two strings of :func:`~diaggym.serialization.training_text`
+(the one place that builds the text), ``context`` and ``target`` = events + the
+end token (:func:`~diaggym.serialization.end_of_text`: ``<|endoftext|>`` as in the
+reference, whatever the tokenizer's EOS).  The loss covers everything
+after the context (exam names, results, ``<SEP>``, end token): the model must learn
 to write results given the patient, not to write patients.  Sequences longer
 than ``max_length`` keep their **last** tokens, so the most recent exams (and
 the end-of-case EOS) are never cut.  Exams that happened at the same time may
@@ -17,17 +20,24 @@ from dataclasses import dataclass
 import torch
 
 from diaggym.cases import Case
-from diaggym.serialization import case_events, render_context, render_event, shuffled_order
+from diaggym.serialization import END_OF_TEXT, end_of_text, shuffled_order, training_text
 
 IGNORE = -100
 
 
 def encode_case(case: Case, tokenizer, max_length: int, order: list[int] | None = None) -> dict[str, list[int]]:
-    """Token ids and labels of one case; labels are ``IGNORE`` on the context."""
-    context = render_context(case.profile, case.final_diagnosis)
-    body = "".join(render_event(n, r) for n, r in case_events(case, order)) + tokenizer.eos_token
+    """Token ids and labels of one case; labels are ``IGNORE`` on the context.
+
+    Context and target are tokenized apart so the loss boundary is exact; for our tokenizers the ids
+    equal those of tokenizing ``context + target`` in one go (tested), since no token spans the
+    context's final newline and the first ``Exam name:``.
+    """
+    end = end_of_text(tokenizer)
+    if end is None:
+        raise ValueError(f"the tokenizer has neither {END_OF_TEXT} nor an eos_token to end a training text")
+    context, target = training_text(case, end, order)
     ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-    body_ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    body_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     ids = ctx_ids + body_ids
     labels = [IGNORE] * len(ctx_ids) + body_ids
     if len(ids) > max_length:
