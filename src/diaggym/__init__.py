@@ -8,3 +8,8 @@ KServe or Kubernetes clients; those live in ``components/``, ``pipelines/`` and
 """
 
 __version__ = "0.1.0"
+
+# `gymnasium.make("DiagGym-v0")` works after `import diaggym` when Gymnasium is installed (registry only: cheap).
+from diaggym.env.registration import register_gymnasium as _register_gymnasium  # noqa: E402
+
+_register_gymnasium()
