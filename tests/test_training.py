@@ -87,6 +87,7 @@ def test_mlflow_run_has_params_metrics_card_and_model(setup, tmp_path, monkeypat
     assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.run_id, "model")}
 
 
+@pytest.mark.timeout(1200)  # waits up to 240 s for the kill point, then 400 s for the resumed run
 def test_resume_after_kill_does_not_redo_steps(setup, tmp_path):
     cases, base = setup
     out = tmp_path / "run"
@@ -166,6 +167,7 @@ def test_shipped_training_presets_load(name):
     assert cfg.extra.get("config") == name
 
 
+@pytest.mark.timeout(1200)  # two ranks under torchrun, bounded by a 600 s subprocess timeout
 def test_deepspeed_zero2_runs_the_same_trainer_on_cpu(setup, tmp_path):
     cases, base = setup
     out = tmp_path / "ds"
