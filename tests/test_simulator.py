@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -9,9 +10,12 @@ import pytest
 
 from diaggym.cases import load_cases
 from diaggym.engines import SamplingParams, make_engine
-from diaggym.engines.base import Completion, Engine
-from diaggym.serialization import case_prompts, parse_prompt, render_context
-from diaggym.simulator import SimRequest, Simulator
+from diaggym.engines.base import DEFAULT_MAX_TOKENS, MAX_TEMPERATURE, Completion, Engine
+from diaggym.engines.openai_compat import OpenAIEngine
+from diaggym.errors import InputError
+from diaggym.exam_stats import exam_kinds
+from diaggym.serialization import case_events, case_prompts, parse_prompt, render_context
+from diaggym.simulator import SimRequest, Simulator, history_before, pick_case
 
 
 class RecordingEngine(Engine):
@@ -35,7 +39,7 @@ def test_step_prompt_equals_the_case_prompt_and_result_parses(cases):
     train = [c for c in cases if c.split == "train"]
     case = next(c for c in cases if c.split == "test")
     engine = RecordingEngine(make_engine("normal", cases=train))
-    sim = Simulator(engine, {e.name: e.kind for c in train for e in c.exams})
+    sim = Simulator(engine, exam_kinds(train))
     k = next(i for i, e in enumerate(case.exams) if e.name == "Complete Blood Count (CBC)" or e.kind == "lab")
     history = [(e.name, r) for e, r in zip(case.exams[:k], [p for p in _results(case)][:k], strict=True)]
     res = sim.simulate(SimRequest.for_case(case, case.exams[k].name, history))
@@ -147,3 +151,61 @@ def test_bad_sampling_option_is_a_clear_error(demo_out, tmp_path, command, optio
     )
     assert r.returncode == 2 and "bad sampling option: top_p must be in (0, 1], got 0.0" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "rep").exists()
+
+
+def test_async_simulation_equals_sync_and_uses_the_given_engine_call(cases):
+    train = [c for c in cases if c.split == "train"]
+    chosen = [c for c in cases if c.split == "test"][:4]
+    reqs = [SimRequest.for_case(c, "Complete Blood Count (CBC)", history_before(c, "Complete Blood Count (CBC)"))
+            for c in chosen]
+    params = [SamplingParams(seed=i) for i in range(len(reqs))]
+    sim = Simulator(make_engine("marginal", cases=train, seed=3), exam_kinds(train))
+    sync = [r.to_dict() for r in sim.simulate_many(reqs, params)]
+    assert [r.to_dict() for r in asyncio.run(sim.asimulate_many(reqs, params))] == sync
+
+    calls: list[tuple[list[str], list[SamplingParams]]] = []
+
+    async def generate(prompts, plist):  # what the server passes: its batcher, timeout and metrics
+        calls.append((prompts, plist))
+        return await asyncio.to_thread(sim.engine.generate, prompts, plist)
+
+    out = asyncio.run(sim.asimulate_many(reqs, SamplingParams(seed=0), generate))
+    assert [p for p, _ in calls] == [[r.prompt() for r in reqs]]
+    assert calls[0][1] == [SamplingParams(seed=0)] * len(reqs)  # one params per prompt
+    assert all(r.items and r.complete for r in out)
+    assert asyncio.run(sim.asimulate(reqs[0], params[0])).to_dict() == sync[0]
+
+
+def test_history_before_is_the_real_events_up_to_the_first_occurrence(cases):
+    case = next(c for c in cases if len({e.name for e in c.exams}) > 3)
+    events = case_events(case)
+    k = 3
+    assert history_before(case, events[k][0]) == events[: next(i for i, e in enumerate(events) if e[0] == events[k][0])]
+    assert history_before(case, events[0][0]) == []
+    assert history_before(case, "Not An Exam Of This Case") == events
+
+
+def test_pick_case_by_id_or_first_of_split(cases):
+    assert pick_case(cases) == next(c for c in cases if c.split == "test")
+    assert pick_case(cases, split="val") == next(c for c in cases if c.split == "val")
+    assert pick_case(cases, cases[5].case_id) == cases[5]
+    with pytest.raises(InputError, match="where.jsonl: no case with id 'nope'"):
+        pick_case(cases, "nope", source="where.jsonl")
+    with pytest.raises(InputError, match="no test-split case"):
+        pick_case([c for c in cases if c.split != "test"])
+
+
+def test_sampling_defaults_and_bounds_are_one_definition():
+    p = SamplingParams()
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed) == (DEFAULT_MAX_TOKENS, 1.0, None, None)
+    SamplingParams(temperature=MAX_TEMPERATURE, top_p=1.0)
+    for bad in ({"temperature": MAX_TEMPERATURE + 0.1}, {"temperature": -0.1}, {"top_p": 0.0}, {"max_tokens": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    # Unset top_p is not sent at all (the server's default applies); a set one is.
+    engine = OpenAIEngine("http://127.0.0.1:9/v1", "m")
+    try:
+        assert "top_p" not in engine._request("x", SamplingParams())
+        assert engine._request("x", SamplingParams(top_p=0.9))["top_p"] == 0.9
+    finally:
+        engine.close()

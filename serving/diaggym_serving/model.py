@@ -20,8 +20,7 @@ from pydantic import ValidationError
 
 from diaggym.cases import Case, Profile
 from diaggym.engines import Completion, Engine, EngineError, SamplingParams
-from diaggym.serialization import render_context, render_prompt
-from diaggym.simulator import SimRequest, SimResult
+from diaggym.simulator import SimRequest, Simulator
 from diaggym_serving import metrics
 from diaggym_serving.batcher import EngineRunner
 from diaggym_serving.errors import ServingError, from_engine_error
@@ -61,7 +60,7 @@ class DiagGymModel(kserve.Model):
         self.engine = engine
         self.runner = EngineRunner(engine, dispatch, max_batch=max_batch, max_wait_ms=batch_wait_ms)
         self.limits = limits or Limits()
-        self.exam_kinds = exam_kinds or {}
+        self.simulator = Simulator(engine, exam_kinds)
         self.cases = cases or {}
         self.warmup_error: str | None = "warming up: the engine has not answered yet"
         self.ready = False
@@ -73,7 +72,7 @@ class DiagGymModel(kserve.Model):
 
     async def warm_up(self) -> bool:
         """One tiny generation; the model is ready only once the engine has answered it."""
-        prompt = render_prompt(render_context(Profile(sex="F", age=50), "Warm-up request"), [], WARMUP_EXAM)
+        prompt = SimRequest(Profile(sex="F", age=50), "Warm-up request", [], WARMUP_EXAM).prompt()
         try:
             await asyncio.wait_for(
                 self.runner.generate([prompt], [SamplingParams(max_tokens=1, temperature=0.0)]),
@@ -171,7 +170,7 @@ class DiagGymModel(kserve.Model):
             metrics.EXAM_LATENCY.labels(kind, outcome).observe(seconds)
 
     def kind_of(self, exam: str) -> str:
-        return self.exam_kinds.get(exam, "unknown")
+        return self.simulator.exam_kinds.get(exam, "unknown")
 
     async def predict(self, payload: Any, headers: dict[str, str] | None = None, response_headers=None) -> dict:
         req = self.parse_request(payload)
@@ -181,9 +180,9 @@ class DiagGymModel(kserve.Model):
             for i in req.instances
         ]
         kinds = [self.kind_of(i.exam) for i in req.instances]
-        out = await self.complete([s.prompt() for s in sims], params, kinds, "predict")
-        predictions = []
-        for sim, c in zip(sims, out, strict=True):
-            res = SimResult.from_completion(sim.exam, c, self.exam_kinds.get(sim.exam))
-            predictions.append({**res.to_dict(), "unparsed_lines": res.unparsed_lines})
-        return {"predictions": predictions}
+
+        async def generate(prompts: list[str], plist: list[SamplingParams]) -> list[Completion]:
+            return await self.complete(prompts, plist, kinds, "predict")
+
+        results = await self.simulator.asimulate_many(sims, params, generate)
+        return {"predictions": [{**res.to_dict(), "unparsed_lines": res.unparsed_lines} for res in results]}

@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from diaggym.cases import Profile
+from diaggym.engines.base import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, MAX_TEMPERATURE
+
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's (and vLLM's) documented default for /completions, kept for its clients
 
 
 class _Strict(BaseModel):
@@ -36,9 +39,9 @@ class Instance(_Strict):
     history: list[HistoryItem] = Field(default_factory=list)
     exam: str = Field(min_length=1)
     seed: int | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)  # None: unset, the whole distribution
+    max_tokens: int = Field(default=DEFAULT_MAX_TOKENS, ge=1)
 
     @model_validator(mode="after")
     def _patient(self) -> Instance:
@@ -65,9 +68,9 @@ class CompletionRequest(_Strict):
 
     model: str
     prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=5.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(default=OPENAI_DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float = Field(default=DEFAULT_TEMPERATURE, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1)

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from diaggym import __version__
+from diaggym.engines.base import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 from diaggym.errors import InputError
 
 app = typer.Typer(
@@ -26,7 +27,7 @@ app = typer.Typer(
 )
 
 
-def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int):
+def _sampling(max_tokens: int, temperature: float, top_p: float | None, seed: int):
     """Sampling options checked before any model is loaded (a bad --top-p is an input error, not a traceback)."""
     from diaggym.engines import SamplingParams
 
@@ -286,44 +287,32 @@ def simulate(
     url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (openai engine).")] = None,
     served_model: Annotated[str, typer.Option(help="Model name on the OpenAI-compatible server.")] = "diaggym",
     history: Annotated[str, typer.Option(help="'real': the case's exams before this one; 'none'.")] = "real",
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the smallest token set with this mass.")] = 1.0,
-    max_tokens: Annotated[int, typer.Option(help="Generation limit in tokens (a full CBC is ~770).")] = 1024,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = DEFAULT_TEMPERATURE,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling: keep the smallest token set with this mass (default: off).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Generation limit in tokens (a full CBC is ~770).")] = (
+        DEFAULT_MAX_TOKENS
+    ),
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parsed result as JSON.")] = False,
 ) -> None:
     """Generate one exam result for a case with the world model (or a baseline)."""
     from diaggym.cases import load_cases
     from diaggym.engines import EngineError, make_engine
-    from diaggym.serialization import case_events
-    from diaggym.simulator import SimRequest, Simulator
+    from diaggym.exam_stats import exam_kinds
+    from diaggym.simulator import SimRequest, Simulator, history_before, pick_case
 
     try:
         sampling = _sampling(max_tokens, temperature, top_p, seed)
-        all_cases = load_cases(cases)
-        if case_id is None:
-            case = next((c for c in all_cases if c.split == "test"), None)
-            if case is None:
-                raise InputError("no test-split case; pass --case-id", cases)
-        else:
-            case = next((c for c in all_cases if c.case_id == case_id), None)
-            if case is None:
-                raise InputError(f"no case with id {case_id!r}", cases)
         if history not in ("real", "none"):
             raise InputError(f"--history must be 'real' or 'none', got {history!r}")
-        past: list[tuple[str, str]] = []
-        if history == "real":
-            for name, result in case_events(case):
-                if name == exam:
-                    break
-                past.append((name, result))
+        all_cases = load_cases(cases)
+        case = pick_case(all_cases, case_id, source=cases)
+        past = history_before(case, exam) if history == "real" else []
         train_cases = [c for c in all_cases if c.split == "train"]
         eng = make_engine(engine, model=model, url=url, served_model=served_model, cases=train_cases, seed=seed)
-        kinds = {e.name: e.kind for c in all_cases for e in c.exams}
-        res = Simulator(eng, kinds).simulate(
-            SimRequest.for_case(case, exam, past),
-            sampling,
-        )
+        res = Simulator(eng, exam_kinds(all_cases)).simulate(SimRequest.for_case(case, exam, past), sampling)
     except (InputError, EngineError) as err:
         _fail(err)
     if as_json:
@@ -358,9 +347,11 @@ def evaluate(
     max_cases: Annotated[int | None, typer.Option(help="Evaluate at most this many cases.")] = None,
     max_exams: Annotated[int, typer.Option(help="Exams per case (step and chain level).")] = 30,
     exam_samples: Annotated[int, typer.Option(help="Samples per (case, exam type) at exam level.")] = 3,
-    max_tokens: Annotated[int, typer.Option(help="Generation limit (a full CBC is ~770 tokens).")] = 1024,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = the model's whole distribution).")] = 1.0,
+    max_tokens: Annotated[int, typer.Option(help="Generation limit (a full CBC is ~770 tokens).")] = DEFAULT_MAX_TOKENS,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = DEFAULT_TEMPERATURE,
+    top_p: Annotated[
+        float | None, typer.Option(help="Nucleus sampling mass (default: off, the model's whole distribution).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     embedding_model: Annotated[
         str | None, typer.Option(help="sentence-transformers model path (default: the bundled all-MiniLM-L6-v2).")

@@ -2,23 +2,42 @@
 
 It is the only place that combines the text format and an engine: render the
 diaggym-v1 prompt (profile, final diagnosis, history, next exam), ask the
-engine, and parse the answer back into analytes.  Two modes:
+engine, and parse the answer back into analytes.  The CLI, the evaluator, the
+server and the RL environment all go through it.  Its whole public surface::
 
-* **step**: the caller gives the history (e.g. the real exams so far);
+    sim = Simulator(engine, exam_kinds(train_cases))   # exam_kinds: diaggym.exam_stats
+    req = SimRequest.for_case(case, exam, history)     # or SimRequest(profile, diagnosis, history, exam)
+    res = sim.simulate(req, params)                    # -> SimResult (text, parsed items, token counts)
+    out = sim.simulate_many(reqs, params)              # one batched engine call
+    out = await sim.asimulate_many(reqs, params)       # the same from async code (server, environment)
+    chains = sim.run_chains(starts, exam_lists, params)
+
+* **step**: the caller gives the history (the real exams so far: :func:`history_before`);
 * **chain**: a list of exams is simulated in order and each generated result
   becomes history for the next one, as an RL episode does.  Many chains are
   advanced together, one batched engine call per step, so an engine with
   batching and prefix caching serves them efficiently.
+
+``params`` is a :class:`~diaggym.engines.base.SamplingParams` for all requests, one per
+request, or ``None`` for the defaults defined there.  Engine failures raise
+:class:`~diaggym.engines.base.EngineError`; the simulator adds no retries or timeouts
+of its own (the engines and the server own those).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from diaggym.cases import Case, LabItem, Profile
-from diaggym.engines.base import Completion, Engine, SamplingParams
-from diaggym.serialization import parse_result, render_context, render_prompt
+from diaggym.engines.base import Completion, Engine, SamplingParams, params_for
+from diaggym.errors import InputError
+from diaggym.serialization import case_events, parse_result, render_context, render_prompt
+
+# An async engine call: prompts and one SamplingParams per prompt -> one Completion per prompt.
+AsyncGenerate = Callable[[list[str], list[SamplingParams]], Awaitable[list[Completion]]]
 
 
 @dataclass
@@ -80,6 +99,31 @@ class SimResult:
         }
 
 
+def history_before(case: Case, exam: str) -> list[tuple[str, str]]:
+    """The case's real (name, result) events before its first ``exam``; all of them when it has none."""
+    past: list[tuple[str, str]] = []
+    for name, result in case_events(case):
+        if name == exam:
+            break
+        past.append((name, result))
+    return past
+
+
+def pick_case(
+    cases: Sequence[Case], case_id: str | None = None, split: str = "test", source: str | Path | None = None
+) -> Case:
+    """The case with ``case_id``, or the first case of ``split``; :class:`InputError` (naming ``source``) if none."""
+    if case_id is None:
+        case = next((c for c in cases if c.split == split), None)
+        if case is None:
+            raise InputError(f"no {split}-split case; pass a case id", source)
+        return case
+    case = next((c for c in cases if c.case_id == case_id), None)
+    if case is None:
+        raise InputError(f"no case with id {case_id!r}", source)
+    return case
+
+
 class Simulator:
     """Renders prompts, calls an engine, parses results.  ``exam_kinds`` (name → kind) sharpens parsing."""
 
@@ -87,17 +131,42 @@ class Simulator:
         self.engine = engine
         self.exam_kinds = exam_kinds or {}
 
-    def simulate_many(
-        self, requests: Sequence[SimRequest], params: SamplingParams | Sequence[SamplingParams] | None = None
-    ) -> list[SimResult]:
-        completions = self.engine.generate([r.prompt() for r in requests], params)
+    def _parse(self, requests: Sequence[SimRequest], completions: Sequence[Completion]) -> list[SimResult]:
         return [
             SimResult.from_completion(r.exam, c, self.exam_kinds.get(r.exam))
             for r, c in zip(requests, completions, strict=True)
         ]
 
+    def simulate_many(
+        self, requests: Sequence[SimRequest], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[SimResult]:
+        return self._parse(requests, self.engine.generate([r.prompt() for r in requests], params))
+
     def simulate(self, request: SimRequest, params: SamplingParams | None = None) -> SimResult:
         return self.simulate_many([request], params)[0]
+
+    async def asimulate_many(
+        self,
+        requests: Sequence[SimRequest],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        generate: AsyncGenerate | None = None,
+    ) -> list[SimResult]:
+        """:meth:`simulate_many` for async callers.
+
+        ``generate`` is the async engine call (the server passes its micro-batcher with timeout and
+        metrics); by default the engine's blocking ``generate`` runs in a worker thread, so the event
+        loop stays free.
+        """
+        prompts = [r.prompt() for r in requests]
+        plist = params_for(params, len(prompts))
+        if generate is None:
+            completions = await asyncio.to_thread(self.engine.generate, prompts, plist)
+        else:
+            completions = await generate(prompts, plist)
+        return self._parse(requests, completions)
+
+    async def asimulate(self, request: SimRequest, params: SamplingParams | None = None) -> SimResult:
+        return (await self.asimulate_many([request], params))[0]
 
     def run_chains(
         self, starts: Sequence[SimRequest], exams: Sequence[Sequence[str]], params: SamplingParams | None = None
@@ -118,13 +187,7 @@ class Simulator:
                 SimRequest(starts[i].profile, starts[i].final_diagnosis, histories[i], exams[i][step]) for i in live
             ]
             # A different seed per step keeps sampled chains reproducible without repeating draws.
-            step_params = (
-                params
-                if params.seed is None
-                else SamplingParams(
-                    params.max_tokens, params.temperature, params.top_p, params.seed + step, params.stop
-                )
-            )
+            step_params = params if params.seed is None else replace(params, seed=params.seed + step)
             for i, res in zip(live, self.simulate_many(reqs, step_params), strict=True):
                 out[i].append(res)
                 histories[i] = histories[i] + [(res.exam, res.result)]

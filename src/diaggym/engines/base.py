@@ -40,23 +40,44 @@ class EngineError(RuntimeError):
         self.retryable = retryable
 
 
+# The one definition of the sampling defaults and bounds: the CLI, the evaluator, the engines and the
+# server (its request models) all read these.
+DEFAULT_MAX_TOKENS = 1024  # a full CBC with reference ranges is ~770 tokens of the local tokenizer
+DEFAULT_TEMPERATURE = 1.0  # the world model's own distribution, as in the reference
+MAX_TEMPERATURE = 5.0  # beyond it a sample is noise; a request asking for more is a mistake
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one completion.  ``temperature == 0`` means greedy."""
+    """How to sample one completion.  ``temperature == 0`` means greedy.
 
-    max_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
+    ``top_p=None`` means "unset": the whole distribution, and no ``top_p`` sent to a remote server
+    (the reference sends none, so the server's own default applies).
+    """
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = (SEP,)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def params_for(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """One :class:`SamplingParams` per prompt: the defaults, one for all, or a list of exactly ``n``."""
+    if params is None:
+        params = SamplingParams()
+    plist = [params] * n if isinstance(params, SamplingParams) else list(params)
+    if len(plist) != n:
+        raise ValueError(f"{n} prompts but {len(plist)} sampling params")
+    return plist
 
 
 @dataclass
@@ -80,11 +101,7 @@ class Engine(ABC):
         self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[Completion]:
         prompts = list(prompts)
-        if params is None:
-            params = SamplingParams()
-        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        if len(plist) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        plist = params_for(params, len(prompts))
         if not prompts:
             return []
         out = self._generate(prompts, plist)

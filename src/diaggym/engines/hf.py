@@ -760,7 +760,7 @@ class TransformersEngine(Engine):
         if pick:
             idx = torch.tensor(pick, dtype=torch.long, device=logits.device)
             temps = torch.tensor([rows[i].params.temperature for i in pick], device=logits.device)
-            top_p = torch.tensor([rows[i].params.top_p for i in pick], device=logits.device)
+            top_p = torch.tensor([rows[i].params.top_p or 1.0 for i in pick], device=logits.device)
             u = torch.stack([rows[i].uniforms[len(rows[i].gen)] for i in pick])
             sorted_logits, order = (logits.index_select(0, idx) / temps[:, None]).sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)

@@ -169,9 +169,10 @@ class OpenAIEngine(Engine):
             "prompt": prompt,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
-            "top_p": params.top_p,
             "stop": list(params.stop),
         }
+        if params.top_p is not None:  # unset: the server's own default (the reference sends none)
+            kwargs["top_p"] = params.top_p
         if params.seed is not None:
             kwargs["seed"] = params.seed
         return kwargs

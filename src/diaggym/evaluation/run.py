@@ -25,6 +25,7 @@ import numpy as np
 
 from diaggym.cases import Case, LabItem
 from diaggym.engines import Engine, EngineError, SamplingParams
+from diaggym.engines.base import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 from diaggym.evaluation import auto
 from diaggym.evaluation.judge import Judge
 from diaggym.exam_stats import TrainingStats
@@ -41,9 +42,9 @@ class EvalSettings:
     max_exams: int = 30  # per case, step and chain level
     exam_types: int = 10  # most frequent exam types at exam level
     exam_samples: int = 3  # generations per (case, exam type) at exam level
-    max_tokens: int = 1024
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float | None = None  # unset: the whole distribution
     seed: int = 0
     judge_samples: int = 50  # step results and chains per engine sent to the judge (when one is configured)
 

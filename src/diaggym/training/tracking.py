@@ -41,6 +41,19 @@ def ensure_experiment(name: str) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (None outside a git checkout): a run's code version."""
+    import subprocess
+
+    try:
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 class MlflowTracker:
     """Owns one MLflow run for one training run folder."""
 
@@ -52,8 +65,6 @@ class MlflowTracker:
 
     def start(self) -> None:
         import mlflow
-
-        from diaggym.training.train import _git_commit
 
         mlflow.set_tracking_uri(tracking_uri())
         exp_id = ensure_experiment(self.config.experiment)
@@ -68,7 +79,7 @@ class MlflowTracker:
         if resume_id is None:
             params = {k: v for k, v in asdict(self.config).items() if k != "extra"}
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-            tags = {"diaggym.base": str(self.config.base), "diaggym.git_commit": _git_commit() or "unknown"}
+            tags = {"diaggym.base": str(self.config.base), "diaggym.git_commit": git_commit() or "unknown"}
             tags.update({f"diaggym.{k}": str(v) for k, v in self.config.extra.items()})
             if self.card:
                 tags["diaggym.dataset_hash"] = self.card.get("dataset_hash", "")

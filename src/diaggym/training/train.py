@@ -81,18 +81,6 @@ class TrainConfig:
         return cls(**data)
 
 
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        r = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
-        )
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _check_base(base: Path) -> None:
     if not base.is_dir():
         raise InputError("base model folder does not exist", base)
