@@ -13,7 +13,8 @@ import pytest
 from diaggym.cases import load_cases
 from diaggym.errors import InputError
 from diaggym.preprocess import preprocess
-from diaggym.sources.mimic_iv import build_mimic_iv_cases, parse_discharge_note
+from diaggym.sources.discharge_notes import parse_discharge_note
+from diaggym.sources.mimic_iv import build_mimic_iv_cases
 from tests.conftest import DEMO
 
 
@@ -112,9 +113,9 @@ NOTE = "\n \n".join(  # MIMIC notes separate sections with a line holding one sp
 
 def test_parse_discharge_note_sections():
     parts = parse_discharge_note(NOTE)
-    assert parts["header"].endswith("Pain for two days.")
-    assert parts["physical_exam"].startswith("VS: 98.1") and "Pertinent" not in parts["physical_exam"]
-    assert parts["discharge_diagnosis"] == "Acute appendicitis"
+    assert parts.header.endswith("Pain for two days.")
+    assert parts.physical_exam == (("Vital Signs", "98.1 120/80 88 16 98%RA"), ("Abdomen", "soft, tender RLQ"))
+    assert parts.discharge_diagnosis == "Acute appendicitis"
 
 
 def _copy_demo(tmp_path: Path) -> Path:
@@ -123,7 +124,7 @@ def _copy_demo(tmp_path: Path) -> Path:
     return root
 
 
-def test_notes_give_header_pe_and_diagnosis(tmp_path, demo_result):
+def test_notes_give_header_pe_items_and_diagnosis(tmp_path, demo_result):
     root = _copy_demo(tmp_path)
     target = demo_result.cases[0]
     hadm = int(target.case_id.split(":")[1])
@@ -140,11 +141,22 @@ def test_notes_give_header_pe_and_diagnosis(tmp_path, demo_result):
             "text": [NOTE],
         }
     ).write_csv(root / "note" / "discharge.csv")
-    cases = {c.case_id: c for c in build_mimic_iv_cases(root).cases}
+    result = build_mimic_iv_cases(root)
+    cases = {c.case_id: c for c in result.cases}
     c = cases[target.case_id]
-    assert c.profile.note.startswith("Name:  ___")
+    assert c.profile.note.startswith("Name:  ___") and c.profile.note.endswith("Pain for two days.")
     assert c.final_diagnosis == "Acute appendicitis"
-    assert [e.name for e in c.exams if e.kind == "physical"] == ["PE: Vital Signs", "PE: Physical Examination"]
+    # With notes, group 0 is the note's exam split into named items (the triage vitals are not used).
+    assert [(e.name, e.group, e.result) for e in c.exams if e.kind == "physical"] == [
+        ("PE: Vital Signs", 0, "98.1 120/80 88 16 98%RA"),
+        ("PE: Abdomen", 0, "soft, tender RLQ"),
+    ]
+    # Every other admission has no note: dropped and counted, as the reference keeps only noted cases.
+    assert list(cases) == [target.case_id]
+    adm = result.log.to_list()[0]
+    assert adm["dropped"]["no discharge note"] == adm["input"] - 1
+    assert result.provenance["final diagnosis"] == {"the note's Discharge Diagnosis section": 1}
+    assert result.remarks == []
 
 
 # ------------------------------------------------------------------ bad input

@@ -110,6 +110,9 @@ def build_card(
             {"name": n, "kind": stats.exam_kind[n], "cases": k} for n, k in stats.exam_counts.most_common(top_n)
         ],
         "splits": splits,
+        # Where each kept case's parts came from (e.g. how many diagnoses fell back to ICD titles).
+        "provenance": {k: dict(sorted(v.items())) for k, v in result.provenance.items()},
+        "remarks": list(result.remarks),
         "dataset_hash": sha256_file(cases_file),
     }
 
@@ -149,6 +152,12 @@ def render_markdown(card: dict, plot_name: str | None) -> str:
     for s in card["filter_steps"]:
         dropped = "; ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "—"
         lines.append(f"| {s['step']} | {s['unit']} | {s['input']} | {s['kept']} | {dropped} |")
+    if card.get("provenance"):
+        lines += ["", "## Where each case's parts come from", "", "| part | from | cases |", "|---|---|---:|"]
+        for part, origins in card["provenance"].items():
+            lines += [f"| {part} | {origin} | {n} |" for origin, n in origins.items()]
+    for remark in card.get("remarks", []):
+        lines += ["", f"> {remark}"]
     lines += ["", "## Splits (by patient)", "", "| split | cases | patients |", "|---|---:|---:|"]
     for name, v in card["splits"].items():
         lines.append(f"| {name} | {v['cases']} | {v['subjects']} |")
@@ -188,4 +197,6 @@ def summary_lines(card: dict) -> list[str]:
     for st in card["filter_steps"]:
         dropped = ", ".join(f"{k} {v}" for k, v in st["dropped"].items()) or "none dropped"
         out.append(f"  {st['step']}: {st['input']} {st['unit']}s → {st['kept']} kept ({dropped})")
+    for part, origins in card.get("provenance", {}).items():
+        out.append(f"  {part} from: " + ", ".join(f"{k} {v}" for k, v in origins.items()))
     return out

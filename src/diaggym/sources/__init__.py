@@ -65,3 +65,7 @@ class SourceResult:
     inputs: list[Path]
     log: FilterLog
     source: str
+    # What each kept case's parts were built from, e.g. {"final diagnosis": {"ICD long titles (...)": 156}};
+    # complete once ``cases`` is exhausted.  Shown in the dataset card, so a fallback is never silent.
+    provenance: dict[str, Counter] = field(default_factory=dict)
+    remarks: list[str] = field(default_factory=list)  # what the card must say about this data
