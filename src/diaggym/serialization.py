@@ -32,7 +32,8 @@ from decimal import Decimal
 
 from pydantic import ValidationError
 
-from diaggym.cases import LAB_KEYS, SEP, Case, Exam, LabItem, Profile
+from diaggym.cases import SEP, Case, Exam, LabItem, Profile
+from diaggym.text_rules import LAB_KEY_ALTERNATION, LAB_KEY_PREFIXES, cut_at_stop
 
 FORMAT = "diaggym-v1"
 EXAMS_HEADER = "The following summarizes the results from the patient's medical examination:\n"
@@ -200,10 +201,7 @@ def training_text(case: Case, eos_token: str, order: Sequence[int] | None = None
 # --------------------------------------------------------------------------- parsing
 def clean_completion(text: str, eos_token: str | None = None) -> str:
     """Cut a raw generation at the first stop string (or ``eos_token``) and strip it, as the stops do."""
-    cut = text
-    for stop in (*STOP_STRINGS, *((eos_token,) if eos_token else ())):
-        cut = cut.split(stop, 1)[0]
-    return cut.strip()
+    return cut_at_stop(text, STOP_STRINGS, eos_token)[0]
 
 
 @dataclass
@@ -224,8 +222,7 @@ class ParsedResult:
         return not (self.items and self.unparsed_lines)
 
 
-_KEY_PREFIXES = tuple(f"{k}: " for k in LAB_KEYS)
-_NAMED_RE = re.compile(r"^(?P<name>.+?): (?P<rest>(?:" + "|".join(map(re.escape, LAB_KEYS)) + r"): .*)$")
+_NAMED_RE = re.compile(rf"^(?P<name>.+?): (?P<rest>(?:{LAB_KEY_ALTERNATION}): .*)$")
 _PART_SPLIT = re.compile(r"; (?=(?:Numeric Value|Units|Reference Range): )")
 _FIELDS = {"Value": "value", "Numeric Value": "valuenum", "Units": "unit", "Reference Range": "range"}
 
@@ -243,7 +240,7 @@ def _parse_range(text: str) -> tuple[float | None, float | None]:
 
 def parse_item_line(line: str, exam_name: str) -> LabItem:
     """Parse one analyte line; raises ``ValueError`` when the line is not in diaggym-v1 shape."""
-    if line.startswith(_KEY_PREFIXES):
+    if line.startswith(LAB_KEY_PREFIXES):
         name, rest = exam_name, line
     else:
         m = _NAMED_RE.match(line)
