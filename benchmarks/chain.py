@@ -49,27 +49,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from diaggym.cases import SEP, Case, load_cases
+from diaggym.engines.base import SamplingParams, cut_at_stop
+from diaggym.serialization import case_events, render_context, render_prompt
+from diaggym.testing import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_WORK = ROOT / "benchmarks" / ".work"
 DEMO = ROOT / "data" / "mimic-iv-demo"
 
-try:  # the installed package, else the source tree
-    import diaggym  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    sys.path.insert(0, str(ROOT / "src"))
-
-from diaggym.cases import SEP, Case, load_cases  # noqa: E402
-from diaggym.engines.base import SamplingParams, cut_at_stop  # noqa: E402
-from diaggym.serialization import case_events, render_context, render_prompt  # noqa: E402
 
 
 def chain_prompts(case: Case, n_steps: int) -> list[str]:
@@ -213,17 +207,8 @@ def run(engine, chains: list[list[str]], subset: list[int], params: SamplingPara
 
 def machine(device: str) -> dict:
     import torch
-    import transformers
 
-    info = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformers": transformers.__version__,
-        "device": device,
-    }
+    info = {**machine_info("torch", "transformers"), "torch_threads": torch.get_num_threads(), "device": device}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

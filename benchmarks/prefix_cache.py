@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import sys
 import time
 import urllib.request
@@ -50,6 +49,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from diaggym.cases import Case, load_cases
+from diaggym.engines.base import SamplingParams
+from diaggym.engines.openai_compat import OpenAIEngine
+from diaggym.serialization import render_result
+from diaggym.simulator import SimRequest, SimResult, Simulator
+from diaggym.testing import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "prefix_cache.json"
@@ -62,16 +68,6 @@ HISTORY = {
     "true": "true (the case's real events, cycled), one Simulator.simulate_many call per step",
 }
 
-try:  # the installed package, else the source tree
-    import diaggym  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the environment
-    sys.path.insert(0, str(ROOT / "src"))
-
-from diaggym.cases import Case, load_cases  # noqa: E402
-from diaggym.engines.base import SamplingParams  # noqa: E402
-from diaggym.engines.openai_compat import OpenAIEngine  # noqa: E402
-from diaggym.serialization import render_result  # noqa: E402
-from diaggym.simulator import SimRequest, SimResult, Simulator  # noqa: E402
 
 
 def load_server_module() -> ModuleType:
@@ -252,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "prefix_cache",
         "target": "P3: >= 90% of prompt tokens from the prefix cache over a 30-exam chain",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": _cpus()},
+        "machine": machine_info(),
         "server": {"vllm": version, "startup_seconds": round(startup or 0, 1), "command": command},
         "model": str(args.model),
         "settings": {
@@ -295,12 +291,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.1%}"
-
-
-def _cpus() -> int | None:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 if __name__ == "__main__":  # vLLM's server is a subprocess; keep this guard for multiprocessing start methods

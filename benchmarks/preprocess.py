@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from diaggym.synthetic import scale_up
+from diaggym.testing import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = ROOT / "data" / "mimic-iv-demo"
 DEFAULT_WORK = ROOT / "benchmarks" / ".work"
@@ -40,11 +42,6 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 TARGET_WALL_RATIO = 3.0  # preprocess wall <= 3x zcat wall
 TARGET_PEAK_RSS = 2 * 1024**3  # bytes (2 GiB)
 
-try:  # the installed package, else the source tree (running from a checkout without install)
-    from diaggym.synthetic import scale_up
-except ImportError:  # pragma: no cover - depends on the environment
-    sys.path.insert(0, str(ROOT / "src"))
-    from diaggym.synthetic import scale_up
 
 
 def ensure_work_dir(work: Path) -> None:
@@ -180,37 +177,6 @@ def run_preprocess(cmd: list[str], timeout: float | None) -> dict:
     }
 
 
-def machine_info() -> dict:
-    info: dict = {
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "hostname": platform.node(),
-    }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        info["memory_bytes"] = psutil.virtual_memory().total
-    except ImportError:
-        pass
-    try:
-        import polars
-
-        info["polars"] = polars.__version__
-    except ImportError:
-        pass
-    return info
-
-
 def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 1024**3:.2f} GiB"
 
@@ -279,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "gz_bytes": sum(f.stat().st_size for f in files),
             "rows": build["rows"],
         },
-        "machine": machine_info(),
+        "machine": machine_info("polars"),
     }
     print(f"timing zcat of {len(files)} files ...")
     result["zcat"] = time_zcat(files, max(1, args.zcat_runs))

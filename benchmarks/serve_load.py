@@ -22,23 +22,17 @@ import argparse
 import asyncio
 import json
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from diaggym.testing import diaggym_serve, machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bodies(cases_dir: str, n: int, seed: int) -> list[dict]:
@@ -124,31 +118,25 @@ def main() -> None:
 
     proc = None
     url = args.url
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     if url is None:
-        port = _free_port()
-        cmd = [sys.executable, "-m", "diaggym.cli", "serve", "--engine", "marginal", "--cases", args.cases,
-               "--host", "127.0.0.1", "--port", str(port)]
-        log = open(ROOT / "work" / "serve_load.log", "wb")  # noqa: SIM115 - lives as long as the server
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"server did not start; see {log.name}")
-            time.sleep(0.3)
+        cases = str(Path(args.cases).resolve())
+        proc, url = diaggym_serve(["--engine", "marginal", "--cases", cases], ROOT / "work" / "serve_load.log")
+        try:
+            proc.wait_ready(f"{url}/v2/health/ready", timeout=120)
+        except (RuntimeError, TimeoutError) as err:
+            proc.stop()
+            sys.exit(f"server did not start: {err}")
     try:
         bodies = _bodies(args.cases, 512, args.seed)
         res = asyncio.run(load(f"{url}/v1/models/diaggym:predict", bodies, args.clients, args.seconds, args.warmup))
     finally:
         if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.stop(timeout=30)
     res.update(
+        benchmark="serve_load",
+        date=started,
+        machine=machine_info(),
         clients=args.clients,
         engine="marginal",
         target={"requests_per_s": 300, "p99_ms": 100, "errors": 0},

@@ -24,10 +24,12 @@ import platform
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from diaggym.testing import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 
@@ -177,7 +179,13 @@ def main() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     args.work.mkdir(parents=True, exist_ok=True)
     cases = build_cases(args.work)
-    result: dict = {"benchmark": "train_gpu", "smoke": args.smoke, "python": platform.python_version()}
+    result: dict = {
+        "benchmark": "train_gpu",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info("torch", "transformers", "deepspeed"),
+        "command": " ".join(sys.argv),
+        "smoke": args.smoke,
+    }
     if not args.skip_train:
         result["p6_training"] = train_part(args, args.work, cases)
     if not args.skip_engine:

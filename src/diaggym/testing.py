@@ -94,8 +94,14 @@ def diaggym_serve(args: list[str], log: Path, env: dict[str, str] | None = None)
     return ServerProcess(cmd, log, env).start(), f"http://127.0.0.1:{port}"
 
 
-def machine_info() -> dict:
-    """Facts about this machine for benchmark records (no third-party imports needed)."""
+def machine_info(*libraries: str) -> dict:
+    """Facts about this machine for benchmark records (no third-party imports needed).
+
+    ``libraries`` are distribution names whose installed versions are recorded too (``None`` when absent),
+    read from package metadata, so nothing heavy is imported for them.
+    """
+    from importlib import metadata
+
     info: dict = {
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -117,4 +123,9 @@ def machine_info() -> dict:
         info["memory_bytes"] = psutil.virtual_memory().total
     except ImportError:
         pass
+    for name in libraries:
+        try:
+            info[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            info[name] = None
     return info
