@@ -47,6 +47,19 @@ def test_card_counts_add_up(demo_out):
     assert sum(v["cases"] for v in card["splits"].values()) == card["cases"]
 
 
+def test_card_counts_where_diagnosis_and_exam_came_from(demo_out):
+    out, card = demo_out
+    # No notes in the demo: every diagnosis is the ICD fallback and the card says so, never silently.
+    assert card["provenance"] == {
+        "final diagnosis": {"ICD long titles (the data has no discharge notes)": card["cases"]},
+        "physical exam": {"ED triage vital signs": card["cases"]},
+    }
+    assert len(card["remarks"]) == 1 and "No discharge notes" in card["remarks"][0]
+    md = (out / "card.md").read_text()
+    assert f"| final diagnosis | ICD long titles (the data has no discharge notes) | {card['cases']} |" in md
+    assert "> No discharge notes in the data" in md
+
+
 def test_lab_rows_kept_equal_items_written(demo_out):
     out, card = demo_out
     cases = load_cases(out)
