@@ -18,7 +18,8 @@ import torch
 
 from diaggym.cases import SEP, load_cases
 from diaggym.engines.base import EngineError, SamplingParams, cut_at_stop
-from diaggym.engines.hf import PrefixCache, TransformersEngine
+from diaggym.engines.hf import TransformersEngine
+from diaggym.engines.prefix_cache import PrefixCache
 from diaggym.model.base import init_base
 from diaggym.serialization import case_prompts, render_context, render_prompt
 
@@ -264,7 +265,10 @@ def test_prefix_cache_tree_shares_prefixes_and_evicts_lru():
     assert cache.tokens == 28  # 20 + the 8 new tokens of b: the prefix is stored once
     path = cache.lookup(np.concatenate([b, [7, 7]]))
     assert sum(n for _, n in path) == 20
-    k, v = PrefixCache.gather(path, 20)[0]
+    dest = [(torch.full((1, 1, 22, 1), -1.0), torch.full((1, 1, 22, 1), -1.0))]
+    PrefixCache.copy_into(path, 20, dest)
+    k, v = (x[:, :, :20] for x in dest[0])
+    assert bool((dest[0][0][:, :, 20:] == -1.0).all())  # nothing written past the requested length
     expected = torch.cat([torch.arange(12.0), 1000.0 + torch.arange(12.0, 20.0)])
     assert torch.equal(k.flatten(), expected) and torch.equal(v.flatten(), -expected)
     # LRU: touch a, then insert c (disjoint, 15 tokens) over the budget -> b's tail goes, not a
@@ -353,7 +357,7 @@ def test_attention_plans_match_reference_attention():
     """The engine's attention layouts against plain per-row SDPA, with garbage in the padding."""
     from types import SimpleNamespace
 
-    from diaggym.engines.hf import _PLAN, _attention, _Plan
+    from diaggym.engines.hf_attention import ATTENTION_PLAN, AttentionPlan, engine_attention
 
     torch.manual_seed(0)
     heads, kv_heads, d, scale = 8, 2, 16, 0.25
@@ -371,13 +375,13 @@ def test_attention_plans_match_reference_attention():
     v = torch.randn(3, kv_heads, length, d) * 5
     q = torch.randn(3, heads, 1, d)
     expected = torch.cat([ref(q[i : i + 1], k[i : i + 1, :, s:], v[i : i + 1, :, s:]) for i, s in enumerate(starts)])
-    token = _PLAN.set(_Plan("ragged", starts=starts))
+    token = ATTENTION_PLAN.set(AttentionPlan("ragged", starts=starts))
     try:
-        ragged, _ = _attention(module, q, k, v, None, scaling=scale)
+        ragged, _ = engine_attention(module, q, k, v, None, scaling=scale)
     finally:
-        _PLAN.reset(token)
+        ATTENTION_PLAN.reset(token)
     mask = (torch.arange(length)[None, :] >= torch.tensor(starts)[:, None])[:, None, None, :]
-    padded, _ = _attention(module, q, k, v, mask, scaling=scale)
+    padded, _ = engine_attention(module, q, k, v, mask, scaling=scale)
     for got in (ragged, padded):
         assert got.shape == (3, 1, heads, d)
         torch.testing.assert_close(got.transpose(1, 2), expected)
@@ -390,12 +394,13 @@ def test_attention_plans_match_reference_attention():
         bk[:, :, end - n : end], bv[:, :, end - n : end] = new_k[:, :, off : off + n], new_v[:, :, off : off + n]
     groups = heads // kv_heads
     allowed = torch.arange(10)[None, :] <= torch.arange(6, 10)[:, None]
-    plan = _Plan("packed", segments=[(0, 4, 10), (4, 5, 5)], views=[bufs], masks=[allowed.repeat(groups, 1), None])
-    token = _PLAN.set(plan)
+    masks = [allowed.repeat(groups, 1), None]
+    plan = AttentionPlan("packed", segments=[(0, 4, 10), (4, 5, 5)], views=[bufs], masks=masks)
+    token = ATTENTION_PLAN.set(plan)
     try:
-        packed, _ = _attention(module, q, new_k, new_v, None, scaling=scale)
+        packed, _ = engine_attention(module, q, new_k, new_v, None, scaling=scale)
     finally:
-        _PLAN.reset(token)
+        ATTENTION_PLAN.reset(token)
     expected = torch.cat(
         [ref(q[:, :, :4], *(x[:, :, :10] for x in bufs[0])), ref(q[:, :, 4:], *(x[:, :, :5] for x in bufs[1]))], dim=2
     )
@@ -406,23 +411,23 @@ def test_ragged_decode_reads_exactly_each_rows_columns(scrambled, mixed_prompts)
     """Every decode step, row b attends from its first real column: the one before is padding (zeros)."""
     from transformers import AttentionInterface
 
-    from diaggym.engines import hf
+    from diaggym.engines import hf_attention as hf
 
     e = engine(scrambled, prefix_cache_tokens=0, ragged_decode=True)
     seen = []
 
     def spy(module, query, key, value, attention_mask, **kwargs):
-        plan = hf._PLAN.get()
+        plan = hf.ATTENTION_PLAN.get()
         if plan is not None and plan.kind == "ragged" and module.layer_idx == 0:
             for i, s in enumerate(plan.starts):
                 assert key[i, :, s].abs().sum() > 0
                 assert s == 0 or key[i, :, :s].abs().sum() == 0
             seen.append(len(plan.starts))
-        return hf._attention(module, query, key, value, attention_mask, **kwargs)
+        return hf.engine_attention(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(hf.ATTN_IMPLEMENTATION, spy)
     try:
         e.generate(mixed_prompts, [SamplingParams(max_tokens=n, temperature=0.0, stop=()) for n in (3, 12, 9, 6)])
     finally:
-        AttentionInterface.register(hf.ATTN_IMPLEMENTATION, hf._attention)
+        AttentionInterface.register(hf.ATTN_IMPLEMENTATION, hf.engine_attention)
     assert seen[0] == 4 and seen[-1] < 4  # the batch was compacted on the way

@@ -134,7 +134,7 @@ class Profile(_Strict):
 
 
 class Case(_Strict):
-    """A whole encounter; see ARCHITECTURE.md, contract 1."""
+    """A whole encounter; see docs/architecture.md, contract 1."""
 
     schema_: Literal["diaggym.case/1"] = Field(default=SCHEMA, alias="schema")
     case_id: str = Field(min_length=1)

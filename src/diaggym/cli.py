@@ -418,9 +418,5 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(serve_main(list(ctx.args)))
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     app()

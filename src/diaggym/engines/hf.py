@@ -1,71 +1,18 @@
 """In-process world-model engine over a local Hugging Face causal LM folder.
 
-Why this exists: the simulator asks the world model for one exam at a time, and
-each step's prompt is the previous step's prompt plus one event (diaggym-v1 is
-append-only, see :mod:`diaggym.serialization`).  Plain ``model.generate`` per
-prompt re-encodes the whole history every step, so a 30-exam case costs ~30
-full-history prefills, and decodes at batch 1.  This engine does what a serving
-stack (vLLM with prefix caching) does, in-process and with transformers only:
+The simulator asks for one exam at a time and each step's prompt is the previous prompt plus one
+event, so this engine does in-process what a serving stack with prefix caching does: it reuses the
+keys/values of earlier token sequences (:class:`~diaggym.engines.prefix_cache.PrefixCache`), prefills
+only the new suffixes (packed into one sequence), and decodes all prompts of a call together into
+preallocated KV buffers, each row with its own :class:`SamplingParams` and its own seeded generator
+(the same prompt and seed give the same text whatever else is in the batch).  The attention plumbing
+tied to the transformers version lives in :mod:`diaggym.engines.hf_attention`.  The design and its
+costs are written up in ``docs/transformers-engine.md``.
 
-* **prefix-KV reuse** — the keys/values of every request's tokens are kept in a
-  :class:`PrefixCache`, a radix tree over token ids (the prompt right after
-  prefill, then prompt + generated tokens when the request finishes).  A new
-  prompt is walked down the tree on token ids; the longest common prefix is
-  reused and only the new suffix runs through the model.  Matching on ids, not
-  text, makes a tokenization that differs at the boundary (the generated text
-  re-tokenized after ``strip()`` and ``<SEP>``) simply cost a few more tokens.
-  Sequences that share a prefix share its nodes, so memory is proportional to
-  the distinct tokens held (a 30-step chain keeps its last prompt plus each
-  step's generated tail, not 30 copies of its history); least-recently-used
-  leaves are evicted against a budget of cached tokens.
-* **batched decoding** — all prompts of a call decode together, one forward per
-  token for the whole batch, each with its own :class:`SamplingParams`.
-
-Design (and its cost).  Each call preallocates one KV buffer per layer, ``[rows,
-kv_heads, longest prompt + most new tokens, head_dim]``, with every row
-right-aligned (left padding, zeros) so that all rows append their next token in
-the same column: decoding writes in place instead of ``torch.cat``-ing the whole
-cache every token (what ``DynamicCache`` does).  A row's cached prefix is copied
-from the tree into its part of the buffer (the one copy of the history per
-step).  The new suffixes of all rows are then **packed** into one sequence (up to
-``prefill_chunk`` tokens per forward) with their true position ids, so the linear
-layers run once on all new tokens; the attention of each segment is computed
-per row against that row's own buffer (cached prefix + causal on itself), which
-transformers' masks cannot express for a packed sequence, so the engine installs
-its own SDPA-based attention function (:func:`_attention`) and tells it the
-layout through a context variable (:class:`_Plan`).  Decoding passes
-``position_ids`` equal to each row's true position (Qwen2's rotary embeddings
-depend on them, not on buffer columns) and either reads each row's own columns
-only (``ragged_decode``, the CPU default: a loop of per-row SDPA calls, no
-padding read, no mask) or the whole padded buffer under a 2-D mask (the GPU
-default: one SDPA call per layer, at the price of reading the padding).  With a
-mask, transformers' SDPA would copy the KV heads for grouped-query attention
-every token (``repeat_kv``); :func:`_sdpa_grouped` folds the query heads that
-share a KV head into the query axis instead (same attention, no copy: a 32-row
-decode step went from 2.1 s to 0.23 s on CPU).  When a quarter of the rows have
-finished, the buffer is compacted to the live rows and the all-padding leading
-columns are dropped.  Costs: the per-row attention loops (one SDPA call per row
-and layer in the prefill, and in the ragged decode) cost launch overhead on a
-GPU; the padded decode reads ``rows x longest`` columns; a row whose prompt
-repeats an earlier row's in the same call is copied from it, but rows of one
-call do not otherwise share prefixes with each other (only with earlier calls).
-
-Sampling is per row: greedy (``temperature == 0``) is ``argmax``; otherwise the
-logits are divided by the temperature, nucleus-filtered (``top_p``, on the
-sorted distribution) and sampled by inverse CDF with uniforms drawn up front
-from the row's own ``torch.Generator`` seeded with ``params.seed`` (a random
-seed when ``None``).  A row's draws therefore never depend on the other rows, so
-the same prompt and seed give the same text whatever else is in the batch (up to
-float noise of padded vs unpadded attention, ~1e-7 relative, which could only
-flip a draw landing exactly on a bucket edge).  For greedy decoding the same
-holds against unbatched decoding, up to float ties.
-
-Stops: ``params.stop`` strings are looked for on the decoded text of a window of
-the last tokens after every token (a stop of *m* characters spans at most *4m*
-byte-level tokens), and the tokenizer's EOS (or ``eos_token``) stops too; the
-text is cut and stripped with :func:`~diaggym.engines.base.cut_at_stop`.  A
-prompt longer than ``max_position_embeddings - max_tokens`` is an
-:class:`EngineError` (``reason="prompt_too_long"``), never silently truncated.
+Stops: ``params.stop`` strings (looked for on the decoded tail after every token) and the
+tokenizer's EOS; the text is cut and stripped with :func:`~diaggym.engines.base.cut_at_stop`.  A
+prompt longer than ``max_position_embeddings - max_tokens`` is an :class:`EngineError`
+(``reason="prompt_too_long"``), never silently truncated.
 """
 
 from __future__ import annotations
@@ -73,7 +20,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +27,14 @@ from typing import Any
 import numpy as np
 
 from diaggym.engines.base import Completion, Engine, EngineError, FinishReason, SamplingParams, cut_at_stop
+from diaggym.engines.hf_attention import (
+    ATTENTION_PLAN,
+    ATTN_IMPLEMENTATION,
+    AttentionPlan,
+    cache_layers,
+    use_engine_attention,
+)
+from diaggym.engines.prefix_cache import KV, PrefixCache
 from diaggym.errors import InputError
 from diaggym.serialization import end_of_text
 
@@ -89,333 +43,6 @@ log = logging.getLogger(__name__)
 _DTYPES = ("float32", "bfloat16", "float16")
 # Compact the decode batch when at least this fraction of its rows has finished.
 COMPACT_FRACTION = 0.25
-
-KV = list[tuple[Any, Any]]  # per layer (keys, values), each [1, kv_heads, seq, head_dim]
-
-
-# --------------------------------------------------------------------------- prefix cache
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two id arrays."""
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    eq = a[:n] == b[:n]
-    return n if bool(eq.all()) else int(np.argmin(eq))
-
-
-class _Node:
-    """A run of tokens in the radix tree and their KV (per layer ``[1, kv_heads, len(ids), head_dim]``)."""
-
-    __slots__ = ("children", "ids", "kv", "last", "parent")
-
-    def __init__(self, ids: np.ndarray, kv: KV, parent: _Node | None) -> None:
-        self.ids = ids
-        self.kv = kv
-        self.parent = parent
-        self.children: dict[int, _Node] = {}
-        self.last = 0
-
-
-def _slice_kv(kv: KV, lo: int, hi: int | None = None) -> KV:
-    """Own copies of columns ``lo:hi`` (a view would keep the whole original tensor alive)."""
-    return [(k[:, :, lo:hi].clone(), v[:, :, lo:hi].clone()) for k, v in kv]
-
-
-class PrefixCache:
-    """KV of earlier token sequences in a radix tree over token ids, LRU-evicted against a token budget.
-
-    A sequence is stored as the path from the root; sequences that share a prefix share its nodes,
-    so memory is proportional to the *distinct* tokens held: a 30-step chain keeps its final prompt
-    plus each step's generated tail, not 30 copies of its history.  :meth:`lookup` walks the tree
-    along a new prompt and returns the matched path; :meth:`gather` concatenates its KV.  Eviction
-    drops least-recently-used leaves until the budget holds.  Not thread-safe on its own: the engine
-    holds its lock around every use.
-    """
-
-    def __init__(self, budget_tokens: int) -> None:
-        self.budget = max(0, int(budget_tokens))
-        self.root = _Node(np.zeros(0, dtype=np.int64), [], None)
-        self.tokens = 0
-        self.nodes = 0
-        self.evictions = 0
-        self._tick = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.budget > 0
-
-    def __len__(self) -> int:
-        return self.nodes
-
-    def _touch(self, node: _Node) -> None:
-        self._tick += 1
-        node.last = self._tick
-
-    def lookup(self, ids: np.ndarray) -> list[tuple[_Node, int]]:
-        """The matched path: (node, tokens of it matched) from the root down; marks it recently used."""
-        path: list[tuple[_Node, int]] = []
-        if not self.enabled:
-            return path
-        node, pos = self.root, 0
-        while pos < len(ids):
-            child = node.children.get(int(ids[pos]))
-            if child is None:
-                break
-            n = common_prefix(child.ids, ids[pos:])
-            self._touch(child)
-            path.append((child, n))
-            pos += n
-            if n < len(child.ids):
-                break
-            node = child
-        return path
-
-    @staticmethod
-    def gather(path: list[tuple[_Node, int]], length: int) -> KV:
-        """KV of the first ``length`` tokens of a matched path, one tensor per layer."""
-        parts: list[tuple[_Node, int]] = []
-        left = length
-        for node, n in path:
-            if left <= 0:
-                break
-            parts.append((node, min(n, left)))
-            left -= n
-        import torch
-
-        n_layers = len(parts[0][0].kv)
-        return [
-            (
-                torch.cat([node.kv[li][0][:, :, :n] for node, n in parts], dim=2),
-                torch.cat([node.kv[li][1][:, :, :n] for node, n in parts], dim=2),
-            )
-            for li in range(n_layers)
-        ]
-
-    @staticmethod
-    def copy_into(path: list[tuple[_Node, int]], length: int, dest: KV) -> None:
-        """Write the KV of the first ``length`` tokens of a matched path into ``dest`` (per layer, from column 0)."""
-        pos = 0
-        for node, n in path:
-            n = min(n, length - pos)
-            if n <= 0:
-                break
-            for (k, v), (dk, dv) in zip(node.kv, dest, strict=True):
-                dk[:, :, pos : pos + n] = k[:, :, :n]
-                dv[:, :, pos : pos + n] = v[:, :, :n]
-            pos += n
-
-    def insert(self, ids: np.ndarray, kv: KV) -> None:
-        """Store ``ids`` with ``kv`` (per layer ``[1, kv_heads, len(ids), head_dim]``); only new tokens are copied."""
-        if not self.enabled or len(ids) == 0 or len(ids) > self.budget:
-            return
-        node, pos = self.root, 0
-        while pos < len(ids):
-            child = node.children.get(int(ids[pos]))
-            if child is None:
-                leaf = _Node(ids[pos:].copy(), _slice_kv(kv, pos), node)
-                node.children[int(ids[pos])] = leaf
-                self._touch(leaf)
-                self.tokens += len(leaf.ids)
-                self.nodes += 1
-                break
-            n = common_prefix(child.ids, ids[pos:])
-            if n == len(ids) - pos:  # already held
-                self._touch(child)
-                break
-            if n < len(child.ids):  # split: child becomes head (n tokens) -> tail (the rest)
-                tail = _Node(child.ids[n:].copy(), _slice_kv(child.kv, n), child)
-                tail.children, tail.last = child.children, child.last
-                for grandchild in tail.children.values():
-                    grandchild.parent = tail
-                child.ids, child.kv = child.ids[:n].copy(), _slice_kv(child.kv, 0, n)
-                child.children = {int(tail.ids[0]): tail}
-                self.nodes += 1
-            self._touch(child)
-            pos += n
-            node = child
-        self._evict()
-
-    def _evict(self) -> None:
-        while self.tokens > self.budget:
-            leaves = []
-            stack = list(self.root.children.values())
-            while stack:
-                nd = stack.pop()
-                if nd.children:
-                    stack.extend(nd.children.values())
-                else:
-                    leaves.append(nd)
-            leaves.sort(key=lambda nd: nd.last)
-            for leaf in leaves:
-                if self.tokens <= self.budget:
-                    break
-                del leaf.parent.children[int(leaf.ids[0])]
-                self.tokens -= len(leaf.ids)
-                self.nodes -= 1
-                self.evictions += 1
-
-    def clear(self) -> None:
-        self.root.children = {}
-        self.tokens = 0
-        self.nodes = 0
-
-
-# --------------------------------------------------------------------------- KV buffers and attention plans
-@dataclass
-class _Plan:
-    """How the attention of the forward in flight is laid out (set by the engine around each forward).
-
-    ``packed``: the prompt suffixes of several rows run as one sequence; ``segments`` are
-    ``(offset in the packed input, tokens, row length after them)`` and ``views[layer][i]`` the
-    buffer row of segment ``i`` (from the row's first column), so each segment attends to its own
-    row's cached prefix and causally to itself.  ``ragged``: batched one-token decode where row
-    ``b`` attends to columns ``starts[b]:`` of the buffer only (no padding read, no mask).
-    """
-
-    kind: str
-    segments: list[tuple[int, int, int]] = field(default_factory=list)
-    views: list[list[tuple[Any, Any]]] = field(default_factory=list)
-    masks: list[Any] = field(default_factory=list)  # per segment: [groups * n, end] bool, or None (no prefix)
-    starts: list[int] = field(default_factory=list)
-
-
-_PLAN: ContextVar[_Plan | None] = ContextVar("diaggym_attention_plan", default=None)
-
-
-def _cache_classes():
-    """Two cache layers over preallocated ``[B, kv_heads, capacity, head_dim]`` buffers, written in place."""
-    from transformers.cache_utils import DynamicLayer
-
-    class BufferLayer(DynamicLayer):
-        """The decode batch: appends in place (no ``torch.cat`` of the whole cache every token)."""
-
-        is_croppable = False
-
-        def __init__(self, keys, values, length: int) -> None:
-            super().__init__()
-            self.buf_k, self.buf_v, self.length = keys, values, length
-            self.dtype, self.device = keys.dtype, keys.device
-            self.is_initialized = True
-            self._views()
-
-        def _views(self) -> None:
-            self.keys = self.buf_k[:, :, : self.length]
-            self.values = self.buf_v[:, :, : self.length]
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            n = key_states.shape[-2]
-            if self.length + n > self.buf_k.shape[-2]:
-                raise RuntimeError("decode buffer overflow (engine bug)")
-            self.buf_k[:, :, self.length : self.length + n] = key_states
-            self.buf_v[:, :, self.length : self.length + n] = value_states
-            self.length += n
-            self._views()
-            return self.keys, self.values
-
-        def get_seq_length(self) -> int:
-            return self.length
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.length + query_length, 0
-
-        def select(self, rows, first_col: int) -> None:
-            """Keep only ``rows`` and the columns from ``first_col`` on (compaction)."""
-            self.buf_k = self.buf_k[:, :, first_col:].index_select(0, rows)
-            self.buf_v = self.buf_v[:, :, first_col:].index_select(0, rows)
-            self.length -= first_col
-            self._views()
-
-    class PackedLayer(DynamicLayer):
-        """A packed prefill: scatters each segment's new KV into its row of the buffer."""
-
-        is_croppable = False
-
-        def __init__(self, plan: _Plan, layer: int) -> None:
-            super().__init__()
-            self.plan, self.layer = plan, layer
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            for (off, n, end), (k, v) in zip(self.plan.segments, self.plan.views[self.layer], strict=True):
-                k[:, :, end - n : end] = key_states[:, :, off : off + n]
-                v[:, :, end - n : end] = value_states[:, :, off : off + n]
-            return key_states, value_states
-
-        def get_seq_length(self) -> int:
-            return 0
-
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return query_length, 0
-
-    return BufferLayer, PackedLayer
-
-
-ATTN_IMPLEMENTATION = "diaggym_sdpa"
-
-
-def _sdpa_grouped(q, k, v, mask, scale):
-    """Attention of ``q`` ``[1|B, heads, n, d]`` on ``k``/``v`` ``[.., kv_heads, L, d]`` with no KV-head copy.
-
-    The query heads that share a KV head are folded into the query axis (``[B, kv_heads,
-    groups * n, d]``), the same attention as repeating the KV heads, without the copy; ``mask``
-    is ``None`` or bool ``[groups * n, L]`` (or broadcastable to the folded scores).
-    """
-    import torch
-
-    b, heads, n, d = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    folded = q.reshape(b, kv_heads, groups * n, d)
-    out = torch.nn.functional.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
-    return out.reshape(b, heads, n, d)
-
-
-def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """SDPA following the engine's :class:`_Plan`; outside a plan, SDPA that keeps GQA grouped.
-
-    transformers' SDPA path repeats the KV heads (``repeat_kv``: a full copy of the cache, per
-    layer, per token) whenever a mask is given, which is every step of a left-padded batch; on CPU
-    that made a 32-row decode step ~6x slower.  Here the grouped heads are folded into the query
-    axis instead.  Calls the engine did not plan (training, ``model.generate``) go to the stock
-    implementation unless they are the masked one-token case.
-    """
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    plan = _PLAN.get()
-    heads, kv_heads = query.shape[1], key.shape[1]
-    if plan is not None and plan.kind == "packed":
-        outs = []
-        for (off, n, end), (k, v), mask in zip(plan.segments, plan.views[module.layer_idx], plan.masks, strict=True):
-            q = query[:, :, off : off + n]
-            if mask is None:  # no cached prefix: plain causal attention over the segment itself
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, k[:, :, :end], v[:, :, :end], is_causal=True, scale=scaling, enable_gqa=heads != kv_heads
-                )
-            else:
-                out = _sdpa_grouped(q, k[:, :, :end], v[:, :, :end], mask, scaling)
-            outs.append(out)
-        return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
-    if plan is not None and plan.kind == "ragged" and query.shape[2] == 1:
-        outs = [
-            _sdpa_grouped(query[i : i + 1], key[i : i + 1, :, s:], value[i : i + 1, :, s:], None, scaling)
-            for i, s in enumerate(plan.starts)
-        ]
-        return torch.cat(outs, dim=0).transpose(1, 2).contiguous(), None
-    if attention_mask is not None and query.shape[2] == 1 and heads != kv_heads and attention_mask.dim() == 4:
-        return _sdpa_grouped(query, key, value, attention_mask, scaling).transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-def _use_engine_attention(model) -> None:
-    """Register :func:`_attention` (with SDPA's mask builder) and switch ``model`` to it."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    model.config._attn_implementation = ATTN_IMPLEMENTATION
-
 
 # --------------------------------------------------------------------------- per-request state
 @dataclass
@@ -463,7 +90,7 @@ class TransformersEngine(Engine):
         then used as it is (its device and dtype are not changed).  Either way the model's attention
         implementation is switched to :data:`ATTN_IMPLEMENTATION` (stock SDPA for every call the
         engine does not plan itself, so ``model.generate`` on the same model still works).
-        ``ragged_decode`` defaults to True on CPU and False elsewhere (see the module docstring).
+        ``ragged_decode`` defaults to True on CPU and False elsewhere (see docs/transformers-engine.md).
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -497,7 +124,7 @@ class TransformersEngine(Engine):
             )
         if set(getattr(self.model.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
             raise InputError("the engine supports full-attention models only (no sliding-window layers)")
-        _use_engine_attention(self.model)
+        use_engine_attention(self.model)
         self.ragged_decode = self.device.type == "cpu" if ragged_decode is None else ragged_decode
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         # <|endoftext|> when the tokenizer has it (what training appends), not an Instruct tokenizer's <|im_end|>
@@ -508,7 +135,7 @@ class TransformersEngine(Engine):
         self.cache = PrefixCache(prefix_cache_tokens)
         self._lock = threading.Lock()
         self._seeds = random.SystemRandom()
-        self._buffer_layer, self._packed_layer = _cache_classes()
+        self._buffer_layer, self._packed_layer = cache_layers()
         self._stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completions": 0}
 
     # ------------------------------------------------------------------ public
@@ -662,8 +289,8 @@ class TransformersEngine(Engine):
                 for r in active:
                     rows[r].start -= first
             length = layers[0].length
-            plan = _Plan("ragged", starts=[rows[r].start for r in active]) if self.ragged_decode else None
-            token = _PLAN.set(plan)
+            plan = AttentionPlan("ragged", starts=[rows[r].start for r in active]) if self.ragged_decode else None
+            token = ATTENTION_PLAN.set(plan)
             try:
                 out = self.model(
                     input_ids=torch.tensor(tokens, dtype=torch.long, device=dev)[:, None],
@@ -674,7 +301,7 @@ class TransformersEngine(Engine):
                     logits_to_keep=1,
                 )
             finally:
-                _PLAN.reset(token)
+                ATTENTION_PLAN.reset(token)
             logits = out.logits[:, -1, :]
             positions = positions + 1
         return [self._completion(row) for row in rows]
@@ -683,7 +310,7 @@ class TransformersEngine(Engine):
         """Run the uncached suffix of every row in ``todo``; {row: logits after its last prompt token}.
 
         Suffixes are concatenated into one sequence per forward (at most ``prefill_chunk`` tokens; a
-        longer suffix is split across forwards), with true position ids; :class:`_Plan` tells the
+        longer suffix is split across forwards), with true position ids; :class:`AttentionPlan` tells the
         attention which row each segment belongs to.  Linear layers thus run once on all new tokens
         instead of once per row.
         """
@@ -708,7 +335,7 @@ class TransformersEngine(Engine):
         for group in groups:
             if not group:
                 continue
-            plan = _Plan("packed", views=[[] for _ in range(n_layers)])
+            plan = AttentionPlan("packed", views=[[] for _ in range(n_layers)])
             ids: list[int] = []
             positions: list[int] = []
             last: list[tuple[int, int]] = []  # (row, index in the packed input) where a row's prompt ends
@@ -734,7 +361,7 @@ class TransformersEngine(Engine):
                     last.append((r, len(ids) - 1))
             cache = Cache(layers=[self._packed_layer(plan, li) for li in range(n_layers)])
             placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # 4-D: mask building is skipped
-            token = _PLAN.set(plan)
+            token = ATTENTION_PLAN.set(plan)
             try:
                 out = self.model(
                     input_ids=torch.tensor([ids], dtype=torch.long, device=dev),
@@ -745,7 +372,7 @@ class TransformersEngine(Engine):
                     logits_to_keep=torch.tensor([i for _, i in last], dtype=torch.long, device=dev),
                 )
             finally:
-                _PLAN.reset(token)
+                ATTENTION_PLAN.reset(token)
             for j, (r, _) in enumerate(last):
                 logits[r] = out.logits[0, j, :]
         return logits
@@ -819,4 +446,4 @@ class TransformersEngine(Engine):
         )
 
 
-__all__ = ["PrefixCache", "TransformersEngine", "common_prefix"]
+__all__ = ["TransformersEngine"]
