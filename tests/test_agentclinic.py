@@ -1,4 +1,4 @@
-"""AgentClinic OSCE JSONL -> DiagGym cases (sources/agentclinic.py)."""
+"""AgentClinic OSCE JSONL -> DiagGym cases (sources/agentclinic/)."""
 
 from __future__ import annotations
 
@@ -302,3 +302,13 @@ def test_wrapper_sections_become_the_tests_they_hold(tmp_path):
     assert set(by_name) == {"Chest CT", "Brain MRI", "Blood Tests"}
     assert by_name["Chest CT"].kind == "radiology" and by_name["Chest CT"].result == "Findings: No mass."
     assert [i.name for i in by_name["Blood Tests"].items] == ["Sodium", "Potassium"]
+
+
+def test_unit_words_are_data_and_drive_value_parsing():
+    from diaggym.sources.agentclinic.values import _UNIT_WORDS, parse_value
+
+    assert len(_UNIT_WORDS) == 71 and {"mmhg", "mg", "titer"} <= _UNIT_WORDS
+    assert parse_value("120 mmHg (normal range: 90-140)") == {
+        "value": "120", "valuenum": 120.0, "unit": "mmHg", "comment": None, "ref_low": 90.0, "ref_high": 140.0,
+    }  # fmt: skip
+    assert parse_value("3 apples") is None  # "apples" is no unit word: not a numeric result
