@@ -30,6 +30,7 @@ from statistics import fmean
 
 from diaggym.cases import Case, Exam, LabItem, Profile
 from diaggym.engines import Engine, SamplingParams
+from diaggym.exam_stats import exam_kinds
 from diaggym.serialization import case_events
 from diaggym.simulator import SimRequest, Simulator
 from diaggym.splits import split_of
@@ -113,7 +114,7 @@ def probe_errors(engine: Engine, cases: list[Case], max_tokens: int = 160) -> di
     """Mean absolute error of each planted analyte (greedy, true history); unparsed answers counted apart."""
     present = {e.name for e in cases[0].exams} if cases else set()
     planted = [(exam, analyte) for exam, analyte in PLANTED if exam in present]
-    sim = Simulator(engine, {exam: "lab" for exam, _ in planted})
+    sim = Simulator(engine, exam_kinds(cases))
     out: dict[str, float | None] = {}
     for exam_name, analyte in planted:
         reqs, truth = [], []
