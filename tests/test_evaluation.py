@@ -10,7 +10,8 @@ from diaggym.cases import load_cases
 from diaggym.engines import make_engine
 from diaggym.engines.openai_compat import OpenAIEngine
 from diaggym.errors import InputError
-from diaggym.evaluation.run import EvalSettings, evaluate
+from diaggym.evaluation.run import EvalSettings, evaluate, real_distributions, text_metric_names
+from diaggym.probe import make_probe_cohort
 from tests.openai_server import CompletionsServer
 
 pytestmark = pytest.mark.integration
@@ -42,7 +43,7 @@ def test_baselines_report_metrics_plots_and_mlflow(setup, tmp_path, monkeypatch)
         assert m["format_stop_rate"] == 1.0 and m["format_parse_rate"] == 1.0  # baselines always well-formed
         assert m["value_numeric_agreement"] == 1.0  # and write each number once, consistently
         assert 0 <= m["auto_similarity"] <= 5 and m["auto_consistency"] is not None
-        assert any("num_wdist" in k for k in rep["skipped"])  # 3 cases cannot give 30 values: counted, not NaN
+        assert any("num_wdist" in k for k in rep["skipped"])  # 3 cases x 2 samples < 30 values: counted, not NaN
     assert metrics["engines"]["median"]["metrics"]["num_var"] == pytest.approx(0.0)  # a constant predictor
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "| marginal |" in report and "## Skipped" in report and "![wdist.png](wdist.png)" in report
@@ -110,38 +111,6 @@ def test_nothing_evaluable_is_an_error(setup, tmp_path):
         )
 
 
-def test_judge_scores_and_counts_garbage(setup, tmp_path):
-    from diaggym.evaluation.judge import Judge
-
-    cases_dir, train = setup
-    settings = EvalSettings(max_cases=2, max_exams=3, exam_samples=1, judge_samples=4)
-    with CompletionsServer(make_engine("marginal", cases=train)) as server:
-        good = evaluate(
-            str(cases_dir),
-            str(tmp_path / "a"),
-            {"median": make_engine("median", cases=train)},
-            settings=settings,
-            mlflow=False,
-            judge=Judge(server.base_url, "judge-4", attempts=2),
-        )
-        bad_judge = Judge(server.base_url, "judge-garbage", attempts=2)
-        bad = evaluate(
-            str(cases_dir),
-            str(tmp_path / "b"),
-            {"median": make_engine("median", cases=train)},
-            settings=settings,
-            mlflow=False,
-            judge=bad_judge,
-        )
-    m = good["engines"]["median"]["metrics"]
-    assert m["similarity"] == 4.0 and m["similarity_judged"] == 4 and m["consistency"] == 1.0
-    mb = bad["engines"]["median"]
-    assert mb["metrics"]["similarity"] is None  # garbage is never turned into a score
-    assert mb["skipped"]["judge: similarity not judged (judge failed)"] == 4
-    assert bad_judge.failures["unparseable answer"] == 2 * (4 + 2)  # 2 attempts each for 4 steps + 2 chains
-    assert "Judge `judge-garbage`" in (tmp_path / "b" / "report.md").read_text()
-
-
 def test_mlflow_accepts_every_engine_label(tmp_path, monkeypatch):
     """Engine labels such as "base (untuned)" must become valid MLflow metric names, not a crash after the report."""
     import mlflow
@@ -156,3 +125,38 @@ def test_mlflow_accepts_every_engine_label(tmp_path, monkeypatch):
     run_id = log_to_mlflow(tmp_path / "rep", doc, None, None, "diaggym-eval-test")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert mlflow.get_run(run_id).data.metrics == {"eval.base_untuned.step_generations": 3.0}
+
+
+def test_real_side_is_the_training_split_with_one_unit_and_the_top_radiology_exams():
+    cohort = [c for c in make_probe_cohort(120, seed=0, finding_plant=True) if c.split == "train"]
+    # one case writes Sodium in another unit: the analyte leaves the numeric metrics (counted)
+    bmp = next(e for e in cohort[0].exams if e.name == "Basic Metabolic Panel (BMP)")
+    bmp.items[0] = bmp.items[0].model_copy(update={"unit": "mmol/L"})
+    real = real_distributions(cohort)
+    assert "Basic Metabolic Panel (BMP) / Sodium" not in real.values
+    assert len(real.values["Basic Metabolic Panel (BMP) / Creatinine"]) == len(cohort)
+    assert real.skipped["analytes without one consistent unit in training"] == 1
+    assert real.text_kind == "radiology" and real.text_exams == ["Chest X-ray"]
+    assert text_metric_names("radiology") == ("text_diversity", "text_fid")
+    assert text_metric_names("microbiology") == ("microbiology_text_diversity", "microbiology_text_fid")
+
+
+def test_demo_reports_wdist_and_names_the_microbiology_variant(setup, tmp_path):
+    """The demo's 7 test cases x 5 samples reach 30 generated values; the real side is the training split."""
+    cases_dir, train = setup
+    doc = evaluate(
+        str(cases_dir),
+        str(tmp_path / "rep"),
+        {"marginal": make_engine("marginal", cases=train, seed=0)},
+        settings=EvalSettings(max_exams=2, exam_types=2, exam_samples=5),
+        mlflow=False,
+    )
+    assert doc["real_data"]["split"] == "train" and doc["real_data"]["text_kind"] == "microbiology"
+    assert doc["real_data"]["text_exams"][:2] == ["Blood Culture, Routine", "URINE CULTURE"]
+    m = doc["engines"]["marginal"]["metrics"]
+    assert m["num_wdist"] is not None and m["num_wdist_groups"] >= 5
+    assert m["num_wdist"] < 0.5  # marginal sampling draws from the training values themselves
+    assert "text_diversity" not in m and "text_fid" not in m  # the paper's names only for radiology
+    assert m["microbiology_text_diversity"] is not None and m["microbiology_text_fid"] >= 0
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "no radiology reports" in report and "microbiology text FID (variant)" in report

@@ -346,7 +346,9 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "test",
     max_cases: Annotated[int | None, typer.Option(help="Evaluate at most this many cases.")] = None,
     max_exams: Annotated[int, typer.Option(help="Exams per case (step and chain level).")] = 30,
-    exam_samples: Annotated[int, typer.Option(help="Samples per (case, exam type) at exam level.")] = 3,
+    exam_samples: Annotated[
+        int, typer.Option(help="Samples per (case, exam type) at exam level (Num. WDist needs 30 per analyte).")
+    ] = 5,
     max_tokens: Annotated[int, typer.Option(help="Generation limit (a full CBC is ~770 tokens).")] = DEFAULT_MAX_TOKENS,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = DEFAULT_TEMPERATURE,
     top_p: Annotated[
@@ -356,10 +358,21 @@ def evaluate(
     embedding_model: Annotated[
         str | None, typer.Option(help="sentence-transformers model path (default: the bundled all-MiniLM-L6-v2).")
     ] = None,
+    embeddings: Annotated[
+        bool, typer.Option(help="Embed free text (text similarity, diversity, FID); off: those are counted as skipped.")
+    ] = True,
     mlflow: Annotated[bool, typer.Option(help="Log the report to MLflow.")] = True,
     mlflow_run_id: Annotated[
         str | None, typer.Option(help="Log under this (training) run instead of a new one.")
     ] = None,
+    judge_url: Annotated[
+        str | None,
+        typer.Option(help="OpenAI-compatible base URL of a judge model: adds Similarity and Consistency."),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help="Judge model name (key: $DIAGGYM_JUDGE_API_KEY or $OPENAI_API_KEY).")
+    ] = None,
+    judge_samples: Annotated[int, typer.Option(help="Step results and chains per engine sent to the judge.")] = 50,
 ) -> None:
     """Score a world model against the baselines: format, fidelity, diversity, consistency, cost."""
     from diaggym.cases import load_cases
@@ -368,6 +381,10 @@ def evaluate(
     from diaggym.evaluation.run import evaluate as run
 
     try:
+        if (judge_url is None) != (judge_model is None):
+            raise InputError("--judge-url and --judge-model go together: give both or neither")
+        if judge_samples < 1:
+            raise InputError(f"--judge-samples must be >= 1, got {judge_samples}")
         _sampling(max_tokens, temperature, top_p, seed)
         train_cases = load_cases(cases, split="train")
         engines = {
@@ -387,7 +404,13 @@ def evaluate(
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            judge_samples=judge_samples,
         )
+        judge = None
+        if judge_url is not None and judge_model is not None:
+            from diaggym.evaluation.judge import Judge
+
+            judge = Judge(judge_url, judge_model)
         doc = run(
             str(cases),
             str(out),
@@ -395,9 +418,11 @@ def evaluate(
             split=split,
             settings=settings,
             embedding_model=embedding_model,
+            use_embeddings=embeddings,
             candidate=str(model or url or engine),
             mlflow=mlflow,
             mlflow_run_id=mlflow_run_id,
+            judge=judge,
         )
     except (InputError, EngineError) as err:
         _fail(err)

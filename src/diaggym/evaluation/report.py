@@ -23,9 +23,12 @@ TABLE = [  # (metric key, column title, better)
     ("lab_abs_z_capped", "lab |z| (capped 5)", "lower"),
     ("auto_consistency", "auto_consistency", "higher"),
     ("num_var", "Num. Var", "closer to real"),
-    ("num_wdist", "Num. WDist", "lower"),
-    ("text_diversity", "text diversity", "closer to real"),
-    ("text_fid", "text FID", "lower"),
+    ("num_wdist", "Num. WDist (vs training)", "lower"),
+    ("text_diversity", "text diversity (radiology)", "closer to real"),
+    ("text_fid", "text FID (radiology)", "lower"),
+    # the variant for data without radiology (the MIMIC-IV demo): not the paper's metric, named apart
+    ("microbiology_text_diversity", "microbiology text diversity (variant)", "closer to real"),
+    ("microbiology_text_fid", "microbiology text FID (variant)", "lower"),
     ("seconds_per_exam", "s / exam", "lower"),
     ("seconds_per_case", "s / case (chain)", "lower"),
 ]
@@ -74,15 +77,21 @@ def _plots(out: Path, doc: dict, real_values: dict) -> list[str]:
         plt.close(fig)
         names.append("numeric_distributions.png")
     # Diversity per exam type
-    groups = sorted({g for rep in engines.values() for g in rep["metrics"].get("text_diversity_per_group", {})})
+    div_key = next(
+        (f"{k}_per_group" for k in ("text_diversity", "microbiology_text_diversity")
+         if any(f"{k}_per_group" in r["metrics"] for r in engines.values())),
+        "text_diversity_per_group",
+    )
+    groups = sorted({g for rep in engines.values() for g in rep["metrics"].get(div_key, {})})
     if groups:
         fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
         width = 0.8 / max(1, len(engines))
         for i, (e, rep) in enumerate(engines.items()):
-            per = rep["metrics"].get("text_diversity_per_group", {})
+            per = rep["metrics"].get(div_key, {})
             ax.bar(np.arange(len(groups)) + i * width, [per.get(g, 0) for g in groups], width, label=e)
         ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [g[:18] for g in groups], rotation=30, fontsize=7)
         ax.set_ylabel("1 − mean cosine")
+        ax.set_title(div_key.removesuffix("_per_group").replace("_", " "), fontsize=9)
         ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "diversity.png")
@@ -126,6 +135,21 @@ def _failure_lines(doc: dict, examples: int = 3) -> list[str]:
     return lines
 
 
+def _real_note(real: dict | None) -> str:
+    if not real:
+        return "."
+    kind = real.get("text_kind")
+    if kind is None:
+        return "; it has no radiology or microbiology reports, so there are no text metrics."
+    exams = ", ".join(real.get("text_exams", [])) or "none with enough reports"
+    if kind == "radiology":
+        return f"; text metrics over its most frequent radiology exams ({exams})."
+    return (
+        f"; it has no radiology reports, so the paper's text metrics cannot be computed: the {kind} variant "
+        f"(same rule over {kind} exams: {exams}) is reported under its own name."
+    )
+
+
 def write_report(out: Path, doc: dict, real_values: dict) -> None:
     """``doc`` is the metrics.json content; plots and the markdown table are derived from it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -142,17 +166,20 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
         f"# Evaluation — {doc['split']} split ({doc['cases']} cases)",
         "",
         f"Embedding model: `{doc['embedding_model']}`. Candidate: `{doc['candidate']}`. "
-        "Automatic scores stand in for the judged ones (definitions in `diaggym.evaluation.auto`).",
+        "Automatic scores stand in for the judged ones (definitions in `diaggym.evaluation.auto`). "
+        "Distribution metrics compare with the training split's real data"
+        + _real_note(doc.get("real_data")),
         "",
         "| engine | " + " | ".join(t for _, t, _ in TABLE) + " |",
         "|---|" + "---:|" * len(TABLE),
         "| *better* | " + " | ".join(b for _, _, b in TABLE) + " |",
     ]
-    real_row = {"num_var": None, "text_diversity": None}
+    real_row: dict = {}
     for e, rep in doc["engines"].items():
         m = rep["metrics"]
         real_row["num_var"] = m.get("num_var_real")
-        real_row["text_diversity"] = m.get("text_diversity_real")
+        for k in ("text_diversity", "microbiology_text_diversity"):
+            real_row[k] = m.get(f"{k}_real")
         lines.append(f"| {e} | " + " | ".join(_fmt(m.get(k)) for k, _, _ in TABLE) + " |")
     lines.append("| *real data* | " + " | ".join(_fmt(real_row.get(k)) for k, _, _ in TABLE) + " |")
     lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Skipped (counted, with reasons)", ""]

@@ -6,8 +6,10 @@ Three levels, as in the reference work:
   (format validity, ``auto_similarity``, standardized numeric error, cost);
 * **chain**: the case's exams simulated in order with the model's own outputs as
   history (``auto_consistency``, cost per case);
-* **exam**: each frequent exam type generated from profile + diagnosis without
-  history, ``exam_samples`` times per case (Num. Var, Num. WDist, text diversity, FID).
+* **exam**: each frequent lab exam and the five most frequent radiology exams generated
+  from profile + diagnosis without history, ``exam_samples`` times per case (Num. Var,
+  Num. WDist, text diversity, FID), compared with the training split's real values and
+  reports (see :func:`real_distributions`).
 
 Every engine (candidate, ``normal``, ``marginal``, ``median``, the un-tuned base)
 runs through the same :class:`~diaggym.simulator.Simulator`.  Anything that cannot be
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +32,8 @@ from diaggym.engines.base import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE
 from diaggym.evaluation import auto
 from diaggym.evaluation.judge import Judge
 from diaggym.exam_stats import TrainingStats
-from diaggym.metrics import num_var, num_wdist, text_diversity, text_fid
-from diaggym.serialization import case_events, render_result
+from diaggym.metrics import num_var, num_wdist, single_unit_keys, text_diversity, text_fid, top_exams
+from diaggym.serialization import case_events, render_context, render_result
 from diaggym.simulator import SimRequest, SimResult, Simulator
 
 EVAL_SCHEMA = "diaggym.eval/1"
@@ -41,7 +44,7 @@ class EvalSettings:
     max_cases: int | None = None
     max_exams: int = 30  # per case, step and chain level
     exam_types: int = 10  # most frequent exam types at exam level
-    exam_samples: int = 3  # generations per (case, exam type) at exam level
+    exam_samples: int = 5  # generations per (case, exam type) at exam level: 7 demo test cases reach 30 values
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float | None = None  # unset: the whole distribution
@@ -80,7 +83,14 @@ class Embedder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 0))
-        return np.asarray(self._model.encode(texts, batch_size=64, normalize_embeddings=True))
+        # Raw embeddings, as the reference: FID depends on their scale; cosine similarities normalise themselves.
+        return np.asarray(self._model.encode(texts, batch_size=64, normalize_embeddings=False))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (0 where a row is all zeros)."""
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.where(na * nb == 0, 1.0, na * nb)
 
 
 def _generate(
@@ -126,8 +136,12 @@ def evaluate_engine(
     settings: EvalSettings,
     embedder: Embedder | None,
     judge: Judge | None = None,
+    text_exams: Sequence[str] = (),
 ) -> EngineReport:
-    """Run the three levels for one engine; returns raw metrics and what was skipped."""
+    """Run the three levels for one engine; returns raw metrics and what was skipped.
+
+    ``text_exams``: the free-text exams generated at exam level (:attr:`RealData.text_exams`).
+    """
     rep = EngineReport(name)
     kinds = catalog.kinds()
     sim = Simulator(engine, kinds)
@@ -193,7 +207,7 @@ def evaluate_engine(
     step_seconds = time.perf_counter() - t0
     if text_pairs and embedder is not None:
         a, b = embedder([p[0] for p in text_pairs]), embedder([p[1] or " " for p in text_pairs])
-        sims.extend(auto.text_similarity(c) for c in (a * b).sum(1))
+        sims.extend(auto.text_similarity(c) for c in cosine_rows(a, b))
     elif text_pairs:
         rep.skipped["step: text similarity without an embedding model"] += len(text_pairs)
     rep.metrics.update(
@@ -221,7 +235,11 @@ def evaluate_engine(
         rep.metrics["seconds_per_case"] = (time.perf_counter() - t0) / len(cases) if cases else None
         if judge is not None:
             verdicts = [
-                judge.consistency(c.final_diagnosis, [(r.exam, r.result) for r in ch])
+                judge.consistency(
+                    render_context(c.profile, c.final_diagnosis),
+                    [(r.exam, r.result) for r in ch],
+                    case_events(c)[: len(ch)],
+                )
                 for c, ch in list(zip(cases, chains, strict=True))[: settings.judge_samples]
             ]
             ok = [v for v in verdicts if v is not None]
@@ -237,9 +255,10 @@ def evaluate_engine(
         rep.metrics["similarity_judged"] = len(ok_scores)
         rep.skipped["judge: similarity not judged (judge failed)"] += len(scores) - len(ok_scores)
 
-    # ---- exam level (no history)
-    counts = Counter(e.name for c in cases for e in c.exams if e.kind != "physical")
-    for exam_name, _ in counts.most_common(settings.exam_types):
+    # ---- exam level (no history): the most frequent lab exams of the evaluated cases, and the text exams
+    counts = Counter(e.name for c in cases for e in c.exams if e.kind == "lab")
+    exam_level = [n for n, _ in counts.most_common(settings.exam_types)] + [t for t in text_exams if t not in counts]
+    for exam_name in exam_level:
         holders = [c for c in cases if any(e.name == exam_name for e in c.exams)]
         reqs = [SimRequest.for_case(c, exam_name) for c in holders for _ in range(settings.exam_samples)]
         params = [
@@ -258,41 +277,93 @@ def evaluate_engine(
     return rep
 
 
-def real_distributions(cases: list[Case]) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+@dataclass
+class RealData:
+    """The real side of the distribution metrics, from the training split (as the reference's Num. WDist).
+
+    ``values``: numeric values per ``"exam / analyte"``, only analytes written with one unit in training;
+    ``texts``: reports per free-text exam; ``text_exams``: the exams the text metrics use — the five most
+    frequent radiology exams with at least five reports, as in the paper, or, where the training split
+    has no radiology (the MIMIC-IV demo), the same rule over microbiology, reported as a named variant
+    (``text_kind`` says which; the metric names carry it, so the variant never appears under the paper's name).
+    """
+
+    values: dict[str, list[float]]
+    texts: dict[str, list[str]]
+    text_kind: str | None
+    text_exams: list[str]
+    skipped: Counter
+
+
+def real_distributions(train: list[Case], top_k: int = 5, min_real: int = 5) -> RealData:
     values: dict[str, list[float]] = defaultdict(list)
+    units: dict[str, list[str | None]] = defaultdict(list)
     texts: dict[str, list[str]] = defaultdict(list)
-    for c in cases:
+    kind_of: dict[str, str] = {}
+    for c in train:
         for e in c.exams:
             if e.items is not None:
                 for it in e.items:
+                    units[f"{e.name} / {it.name}"].append(it.unit)
                     if it.valuenum is not None:
                         values[f"{e.name} / {it.name}"].append(it.valuenum)
-            elif e.kind != "physical" and e.result:
+            elif e.kind in ("radiology", "microbiology") and e.result:
                 texts[e.name].append(e.result)
-    return values, texts
+                kind_of[e.name] = e.kind
+    skipped: Counter = Counter()
+    keep = single_unit_keys(units)
+    n_dropped = sum(1 for k in values if k not in keep)
+    if n_dropped:
+        skipped["analytes without one consistent unit in training"] = n_dropped
+    kept = {k: v for k, v in values.items() if k in keep}
+    text_kind = next((k for k in ("radiology", "microbiology") if k in kind_of.values()), None)
+    text_exams: list[str] = []
+    if text_kind is not None:
+        counts = {e: len(t) for e, t in texts.items() if kind_of[e] == text_kind}
+        text_exams, n_few = top_exams(counts, top_k, min_real)
+        if n_few:
+            skipped[f"{text_kind} exams with fewer than {min_real} reports in training"] = n_few
+        if text_kind != "radiology":
+            skipped["no radiology reports in training: text metrics are the microbiology variant"] += 1
+    else:
+        skipped["no radiology or microbiology reports in training: no text metrics"] += 1
+    return RealData(kept, dict(texts), text_kind, text_exams, skipped)
 
 
-def distribution_metrics(rep: EngineReport, real_values: dict, real_texts: dict, embedder: Embedder | None) -> None:
+def text_metric_names(text_kind: str | None) -> tuple[str, str]:
+    """(diversity, FID) metric names: the paper's for radiology, ``{kind}_text_…`` for a variant."""
+    if text_kind in (None, "radiology"):
+        return "text_diversity", "text_fid"
+    return f"{text_kind}_text_diversity", f"{text_kind}_text_fid"
+
+
+def distribution_metrics(rep: EngineReport, real: RealData, embedder: Embedder | None) -> None:
     """Num. Var (generated and real), Num. WDist, text diversity and FID into ``rep.metrics``."""
-    for m in (num_var(rep.generated_values), num_wdist(real_values, rep.generated_values)):
+    generated = {k: v for k, v in rep.generated_values.items() if k in real.values}
+    n_other = len(rep.generated_values) - len(generated)
+    if n_other:
+        rep.skipped["numeric metrics: generated analytes without one training unit"] += n_other
+    for m in (num_var(generated), num_wdist(real.values, generated)):
         rep.metrics[m.name] = m.value
         rep.metrics[f"{m.name}_groups"] = m.n_groups
         rep.metrics[f"{m.name}_per_group"] = m.per_group
         for reason, n in m.skipped.items():
             rep.skipped[f"{m.name}: {reason}"] += n
-    rep.metrics["num_var_real"] = num_var(real_values).value
+    rep.metrics["num_var_real"] = num_var(real.values).value
+    if not real.text_exams:
+        return
     if embedder is None:
         rep.skipped["text metrics: no embedding model"] += 1
         return
-    real_emb = {k: embedder(v) for k, v in real_texts.items() if len(v) >= 2}
-    gen_emb = {k: embedder(v) for k, v in rep.generated_texts.items() if len(v) >= 2}
-    real_counts = {k: len(v) for k, v in real_texts.items()}
-    div = text_diversity(gen_emb, real_counts)
-    rep.metrics["text_diversity"] = div.value
-    rep.metrics["text_diversity_real"] = text_diversity(real_emb, real_counts).value
-    rep.metrics["text_diversity_per_group"] = div.per_group
-    fid = text_fid(real_emb, gen_emb)
-    rep.metrics["text_fid"] = fid.value
+    div_name, fid_name = text_metric_names(real.text_kind)
+    real_emb = {k: embedder(real.texts[k]) for k in real.text_exams}
+    gen_emb = {k: embedder(rep.generated_texts[k]) for k in real.text_exams if len(rep.generated_texts.get(k, ())) >= 2}
+    div = text_diversity(gen_emb, real.text_exams, div_name)
+    rep.metrics[div_name] = div.value
+    rep.metrics[f"{div_name}_real"] = text_diversity(real_emb, real.text_exams).value
+    rep.metrics[f"{div_name}_per_group"] = div.per_group
+    fid = text_fid(real_emb, gen_emb, real.text_exams, fid_name)
+    rep.metrics[fid_name] = fid.value
     for m in (div, fid):
         for reason, n in m.skipped.items():
             rep.skipped[f"{m.name}: {reason}"] += n
@@ -328,7 +399,7 @@ def evaluate(
         raise InputError(f"the {split!r} split is empty: nothing to evaluate", cases_dir)
     catalog = TrainingStats.from_cases(train)
     embedder = Embedder(embedding_model) if use_embeddings else None
-    real_values, real_texts = real_distributions(cases[: settings.max_cases] if settings.max_cases else cases)
+    real = real_distributions(train)
     doc: dict = {
         "schema": EVAL_SCHEMA,
         "split": split,
@@ -336,11 +407,18 @@ def evaluate(
         "candidate": candidate,
         "embedding_model": embedder.name if embedder else None,
         "settings": settings.__dict__,
+        "real_data": {
+            "split": "train",
+            "analytes": len(real.values),
+            "text_kind": real.text_kind,
+            "text_exams": real.text_exams,
+            "skipped": dict(real.skipped),
+        },
         "engines": {},
     }
     for name, engine in engines.items():
-        rep = evaluate_engine(name, engine, cases, catalog, settings, embedder, judge)
-        distribution_metrics(rep, real_values, real_texts, embedder)
+        rep = evaluate_engine(name, engine, cases, catalog, settings, embedder, judge, real.text_exams)
+        distribution_metrics(rep, real, embedder)
         fallbacks = getattr(engine, "fallbacks", None)
         if fallbacks:
             rep.skipped["baseline fell back on an unseen exam"] += fallbacks
@@ -355,7 +433,7 @@ def evaluate(
     if not any(r["metrics"].get("step_generations") for r in doc["engines"].values()):
         raise InputError("no engine produced a single generation: nothing could be evaluated")
     outp = Path(out)
-    write_report(outp, doc, real_values)
+    write_report(outp, doc, real.values)
     if mlflow:
         card_path = Path(cases_dir) / "card.json" if Path(cases_dir).is_dir() else None
         card = json.loads(card_path.read_text()) if card_path and card_path.is_file() else None
