@@ -443,5 +443,10 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(serve_main(list(ctx.args)))
 
 
+from diaggym.cli_rl import rl_app  # noqa: E402 - the RL environment commands
+
+app.add_typer(rl_app, name="rl")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,1 @@
+"""Reinforcement learning on the environment: the demo policy (``diaggym rl demo``)."""
