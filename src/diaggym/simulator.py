@@ -26,7 +26,6 @@ of its own (the engines and the server own those).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -154,15 +153,11 @@ class Simulator:
         """:meth:`simulate_many` for async callers.
 
         ``generate`` is the async engine call (the server passes its micro-batcher with timeout and
-        metrics); by default the engine's blocking ``generate`` runs in a worker thread, so the event
-        loop stays free.
+        metrics); by default it is the engine's :meth:`~diaggym.engines.base.Engine.agenerate`.
         """
         prompts = [r.prompt() for r in requests]
         plist = params_for(params, len(prompts))
-        if generate is None:
-            completions = await asyncio.to_thread(self.engine.generate, prompts, plist)
-        else:
-            completions = await generate(prompts, plist)
+        completions = await (generate or self.engine.agenerate)(prompts, plist)
         return self._parse(requests, completions)
 
     async def asimulate(self, request: SimRequest, params: SamplingParams | None = None) -> SimResult:

@@ -21,6 +21,7 @@ Contract:
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,15 @@ class Engine(ABC):
         if len(out) != len(prompts):
             raise EngineError(f"{self.name} returned {len(out)} completions for {len(prompts)} prompts")
         return out
+
+    async def agenerate(
+        self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """:meth:`generate` for async callers: in a worker thread, so the event loop stays free.
+
+        Engines with a native async client override it (same arguments, same contract).
+        """
+        return await asyncio.to_thread(self.generate, prompts, params)
 
     @abstractmethod
     def _generate(self, prompts: list[str], params: list[SamplingParams]) -> list[Completion]: ...
