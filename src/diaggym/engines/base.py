@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from diaggym.cases import SEP
+from diaggym.text_rules import cut_at_stop  # noqa: F401 - re-exported: the engines cut their text with it
 
 FinishReason = Literal["stop", "length"]
 
@@ -130,13 +131,3 @@ class Engine(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def cut_at_stop(text: str, stops: Sequence[str], eos: str | None = None) -> tuple[str, bool]:
-    """(text before the first stop string or EOS, stripped; whether one was found)."""
-    cut = len(text)
-    for s in (*stops, *((eos,) if eos else ())):
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut].strip(), cut < len(text)
