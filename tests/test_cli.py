@@ -58,3 +58,16 @@ def test_unknown_source_and_bad_ratios(tmp_path):
         "preprocess", "--source", "mimic-iv", "--input", str(DEMO), "--out", str(tmp_path / "o"), "--splits", "1,2"
     )
     assert r.returncode == 2 and "three numbers" in r.stderr
+
+
+def test_layers_import_downwards_only():
+    """The CLI loads no server, KServe or torch until a command needs them; training's tracking needs no trainer."""
+    code = (
+        "import sys, diaggym.cli, diaggym.training.tracking\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('diaggym_serving', 'kserve', 'torch', 'transformers')]\n"
+        "bad += [m for m in sys.modules if m == 'diaggym.training.train']\n"
+        "print(bad)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
