@@ -9,7 +9,8 @@ server and the RL environment all go through it.  Its whole public surface::
     req = SimRequest.for_case(case, exam, history)     # or SimRequest(profile, diagnosis, history, exam)
     res = sim.simulate(req, params)                    # -> SimResult (text, parsed items, token counts)
     out = sim.simulate_many(reqs, params)              # one batched engine call
-    out = await sim.asimulate_many(reqs, params)       # the same from async code (server, environment)
+    out = await sim.asimulate_many(reqs, params)       # the same from async code (server, environment);
+    res = await sim.asimulate(req, params)             # by default through engine.agenerate
     chains = sim.run_chains(starts, exam_lists, params)
 
 * **step**: the caller gives the history (the real exams so far: :func:`history_before`);
