@@ -133,10 +133,10 @@ def engine_attention(module, query, key, value, attention_mask, dropout: float =
     """SDPA following the engine's :class:`AttentionPlan`; outside a plan, SDPA that keeps GQA grouped.
 
     transformers' SDPA path repeats the KV heads (``repeat_kv``: a full copy of the cache, per
-    layer, per token) whenever a mask is given, which is every step of a left-padded batch; on CPU
-    that made a 32-row decode step ~6x slower.  Here the grouped heads are folded into the query
-    axis instead.  Calls the engine did not plan (training, ``model.generate``) go to the stock
-    implementation unless they are the masked one-token case.
+    layer, per token) whenever a mask is given, which is every step of a left-padded batch.  Here
+    the grouped heads are folded into the query axis instead.  Calls the engine did not plan
+    (training, ``model.generate``) go to the stock implementation unless they are the masked
+    one-token case.
     """
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
