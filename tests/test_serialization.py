@@ -87,7 +87,6 @@ def test_training_text_ends_with_eos_and_loss_part_starts_after_context():
 def test_clean_completion_cuts_at_sep_and_eos():
     assert clean_completion("  Value: 1 <SEP>Exam name:\nX") == "Value: 1"
     assert clean_completion("text<|endoftext|>junk", "<|endoftext|>") == "text"
-    assert clean_completion("text<|endoftext|>junk") == "text"  # a stop string whatever the tokenizer
     assert clean_completion("text<|im_end|>junk", "<|im_end|>") == "text"
 
 

@@ -200,8 +200,12 @@ def training_text(case: Case, eos_token: str, order: Sequence[int] | None = None
 
 # --------------------------------------------------------------------------- parsing
 def clean_completion(text: str, eos_token: str | None = None) -> str:
-    """Cut a raw generation at the first stop string (or ``eos_token``) and strip it, as the stops do."""
-    return cut_at_stop(text, STOP_STRINGS, eos_token)[0]
+    """Cut a raw generation at the first ``<SEP>`` (and ``eos_token``) and strip it, as the stop strings do.
+
+    The end token is cut only when given: :func:`parse_result` reads real results too, and the case schema
+    forbids ``<SEP>`` in them, not the end token's text.
+    """
+    return cut_at_stop(text, (SEP,), eos_token)[0]
 
 
 @dataclass
