@@ -18,14 +18,15 @@ from functools import lru_cache
 from pathlib import Path
 
 from diaggym.errors import InputError
+from diaggym.resources import bundled
 
 PANEL_KEY = "ADDITIONAL_LAB_TEST_MAPPING"
 
 
 def data_dir() -> Path:
-    """The bundled data folder (``DIAGGYM_DATA_DIR`` overrides it)."""
+    """The bundled data folder (``DIAGGYM_DATA_DIR`` overrides it; a wheel carries data/mimic-cdm only)."""
     env = os.environ.get("DIAGGYM_DATA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+    return Path(env) if env else bundled("data")
 
 
 def default_mapping_path() -> Path:

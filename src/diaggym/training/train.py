@@ -22,9 +22,10 @@ from pathlib import Path
 
 from diaggym.cases import SEP, load_cases
 from diaggym.errors import InputError
+from diaggym.resources import bundled
 from diaggym.serialization import render_context
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+CONFIG_DIR = bundled("configs")
 
 
 @dataclass
