@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= work
 DEMO_RUN := $(WORK)/runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint install clean bench-preprocess system-deps vllm-venv
+.PHONY: demo test lint install clean bench-preprocess system-deps vllm-venv checkov-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (DiagGym needs Python 3.11)"; exit 2; }
@@ -50,7 +50,13 @@ system-deps:
 vllm-venv:
 	bash serving/vllm/install.sh
 
-test: $(STAMP) lint system-deps vllm-venv
+# checkov (the manifest tests run it over the rendered kustomize and Helm output) in its own venv: it pins older
+# networkx/packaging than the project's environment allows.
+checkov-venv:
+	test -x .venv-checkov/bin/checkov || { $(PYTHON) -m venv .venv-checkov && \
+		.venv-checkov/bin/pip install --quiet 'checkov==3.3.30'; }
+
+test: $(STAMP) lint system-deps vllm-venv checkov-venv
 	$(PY) -m pytest -q
 
 bench-preprocess: $(STAMP)
