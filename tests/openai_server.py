@@ -27,6 +27,14 @@ A normal completion reports ``usage.prompt_tokens_details.cached_tokens`` as the
 longest earlier prompt that is a prefix of this one: a toy prefix cache.  Tokens are words
 (``len(text.split())``); ``max_tokens`` cuts the completion to that many words (finish ``length``).
 
+Whatever the model name, two attributes change every request's behaviour at run time (a slow or
+failing predictor behind a server under test, whose own warm-up probe must still pass):
+``delay_s`` delays each request that asks for more than one token (disconnects noticed as for
+``slow:S``), and ``fail_status`` answers every request (probes too) with that HTTP status.
+``max_model_len`` is reported in ``/v1/models`` as vLLM does, when set.  ``cycle`` (a list) gives
+requests that ask for more than one token a fault each, in turn: ``"ok"``, ``"slow"`` (sleeps
+``cycle_delay_s``), ``"junk"`` (200 without choices) or an HTTP status such as ``"503"``.
+
 The server runs uvicorn in a background thread on 127.0.0.1 (a free port, bound before the thread
 starts, so there is no race) and records every request in :attr:`CompletionsServer.log`.
 """
@@ -54,7 +62,9 @@ class Logged:
 
     model: str
     status: int
-    time: float
+    time: float  # when the answer (or the client's disconnect) was seen
+    start: float = 0.0  # when the request arrived
+    body: dict | None = None
 
 
 class CompletionsServer:
@@ -65,6 +75,12 @@ class CompletionsServer:
         self.log: list[Logged] = []
         self.in_flight = 0
         self.max_in_flight = 0
+        self.delay_s = 0.0
+        self.fail_status: int | None = None
+        self.max_model_len: int | None = None
+        self.cycle: list[str] = []
+        self.cycle_delay_s = 1.0
+        self._cycled = 0
         self._seen_by_model: Counter[str] = Counter()
         self._prompts: list[str] = []
         self._lock = threading.Lock()
@@ -110,6 +126,10 @@ class CompletionsServer:
             self._seen_by_model.clear()
             self._prompts.clear()
             self.max_in_flight = 0
+        self.delay_s = 0.0
+        self.fail_status = None
+        self.cycle = []
+        self._cycled = 0
 
     def requests_for(self, model: str) -> list[Logged]:
         with self._lock:
@@ -121,7 +141,10 @@ class CompletionsServer:
 
         @app.get("/v1/models")
         async def models() -> dict:
-            return {"object": "list", "data": [{"id": "marginal", "object": "model", "owned_by": "diaggym-tests"}]}
+            entry: dict = {"id": "marginal", "object": "model", "owned_by": "diaggym-tests"}
+            if self.max_model_len:
+                entry["max_model_len"] = self.max_model_len
+            return {"object": "list", "data": [entry]}
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> JSONResponse:
@@ -150,24 +173,41 @@ class CompletionsServer:
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> JSONResponse:
+            start = time.monotonic()
+            body = await request.json()
+            model = str(body.get("model", ""))
+            counted = body.get("max_tokens") != 1  # in-flight counts leave out servers' one-token probes
             with self._lock:
-                self.in_flight += 1
+                self.in_flight += counted
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
-                body = await request.json()
-                model = str(body.get("model", ""))
                 response = await self._respond(model, body, request)
             finally:
                 with self._lock:
-                    self.in_flight -= 1
+                    self.in_flight -= counted
             with self._lock:
-                self.log.append(Logged(model=model, status=response.status_code, time=time.monotonic()))
+                self.log.append(Logged(model, response.status_code, time.monotonic(), start, body))
             return response
 
         return app
 
     async def _respond(self, model: str, body: dict, request: Request) -> JSONResponse:
         mode, _, arg = model.partition(":")
+        probe = body.get("max_tokens") == 1  # a server's warm-up / readiness probe
+        if self.fail_status:
+            return _error(self.fail_status, "server_error", f"failing on purpose with {self.fail_status}")
+        if self.delay_s and not probe and not await _sleep_unless_gone(self.delay_s, request):
+            return _error(499, "client_closed_request", "the client went away while the server was slow")
+        if self.cycle and not probe:
+            with self._lock:
+                fault = self.cycle[self._cycled % len(self.cycle)]
+                self._cycled += 1
+            if fault == "slow" and not await _sleep_unless_gone(self.cycle_delay_s, request):
+                return _error(499, "client_closed_request", "the client went away while the server was slow")
+            if fault == "junk":
+                return JSONResponse({"id": "cmpl-junk", "object": "text_completion", "model": model})
+            if fault.isdigit():
+                return _error(int(fault), "server_error", f"failing on purpose with {fault}")
         with self._lock:
             self._seen_by_model[model] += 1
             nth = self._seen_by_model[model]

@@ -6,8 +6,10 @@ the engine depends on the engine:
 * ``batch`` (the in-process transformers engine): requests that arrive within a few
   milliseconds are merged into one ``generate`` call, run on one worker thread (the model
   is not thread-safe and one batched call is far cheaper than many single ones);
-* ``thread`` (the openai engine): each request runs on the default thread pool; the
-  remote server (vLLM) batches by itself;
+* ``async`` (the openai engine): each request is one coroutine of the engine's async client
+  on the event loop; the remote server (vLLM) batches by itself, and a cancelled request
+  (deadline, client gone) closes its upstream connection at once;
+* ``thread``: each request runs on the default thread pool (engines without an async path);
 * ``inline`` (baselines): answered on the event loop, they cost microseconds.
 
 An engine failure in a merged batch is retried prompt by prompt, so one bad prompt (e.g.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from diaggym.engines import Completion, Engine, EngineError, SamplingParams
 from diaggym_serving import metrics
 
-MODES = ("batch", "thread", "inline")
+MODES = ("batch", "async", "thread", "inline")
 
 
 @dataclass
@@ -51,7 +53,22 @@ class EngineRunner:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine") if mode == "batch" else None
         self._queued = 0
 
-    async def generate(self, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
+    def broken(self) -> str | None:
+        """Why this runner can no longer run anything (its micro-batching loop died), or None."""
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            err = self._task.exception()
+            return f"the engine loop stopped: {type(err).__name__}" if err else "the engine loop stopped"
+        return None
+
+    async def generate(
+        self, prompts: list[str], params: list[SamplingParams], deadline: float | None = None
+    ) -> list[Completion]:
+        """``deadline`` (``time.monotonic()``) reaches engines that can honour it (the openai engine)."""
+        if self.mode == "async":
+            agenerate = getattr(self.engine, "agenerate", None)
+            if agenerate is None:
+                raise ValueError(f"the {self.engine.name} engine has no async path; use dispatch 'thread'")
+            return self._observe(await agenerate(prompts, params, deadline=deadline))
         if self.mode == "inline":
             return self._observe(self.engine.generate(prompts, params))
         if self.mode == "thread":
@@ -128,6 +145,9 @@ class EngineRunner:
                 await self._task
         if self._worker is not None:
             self._worker.shutdown(wait=False, cancel_futures=True)
+        aclose = getattr(self.engine, "aclose", None)
+        if aclose is not None:
+            await aclose()
         self.engine.close()
 
 

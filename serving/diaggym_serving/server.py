@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from diaggym.errors import InputError
 
 log = logging.getLogger("diaggym.serving")
 
-DISPATCH = {"transformers": "batch", "openai": "thread", "normal": "inline", "marginal": "inline", "median": "inline"}
+DISPATCH = {"transformers": "batch", "openai": "async", "normal": "inline", "marginal": "inline", "median": "inline"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,15 +47,41 @@ def build_parser() -> argparse.ArgumentParser:
                    "training split for the baseline engines.")
     p.add_argument("--host", default=os.environ.get("DIAGGYM_HOST", "127.0.0.1"), help="Bind address.")
     p.add_argument("--http_port", "--port", dest="http_port", type=int, default=8080, help="HTTP port.")
-    p.add_argument("--max-tokens-limit", type=int, default=2048, help="Largest max_tokens a request may ask for.")
+    p.add_argument("--model-alias", action="append", default=[], metavar="NAME",
+                   help="Another name the model answers to (repeatable), e.g. EHRGenerator for the reference "
+                   "rollout code, which then needs only its base URL changed.")
+    p.add_argument("--context-length", type=int, default=None,
+                   help="The served model's context in tokens (32768 for Qwen2.5-7B); default: what the engine "
+                   "reports (vLLM's max_model_len, the model config). A request whose max_tokens exceeds it is 400.")
+    p.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="Largest max_tokens a request may ask for, to lower the context bound (default: none).")
     p.add_argument("--max-instances", type=int, default=64, help="Most instances (or prompts) per request.")
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="Largest request body.")
-    p.add_argument("--request-timeout", type=float, default=120.0, help="Seconds an engine call may take.")
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="Seconds a request may spend waiting for and in the engine (retries included): 504 after.")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="Requests in the engine at once (also the openai engine's bound on upstream calls).")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="Requests waiting for an engine slot; more are answered 503 'overloaded' with Retry-After.")
+    p.add_argument("--ready-recheck-s", type=float, default=10.0,
+                   help="Once ready, probe the engine this often (unless a request succeeded meanwhile).")
+    p.add_argument("--drain-seconds", type=float, default=0.0,
+                   help="On SIGTERM: seconds of not-ready serving with 'Connection: close' before the listener "
+                   "closes (in a pod: a few seconds, so kept-alive clients move to other replicas).")
+    p.add_argument("--graceful-timeout", type=int, default=30,
+                   help="After the drain: seconds the requests in flight get to finish before the process exits.")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="Seconds a connection may take to send a request's headers before it is closed.")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="Seconds a request body may stall before the answer is 408.")
     p.add_argument("--max-batch", type=int, default=32, help="Most prompts per engine call (transformers engine).")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long to gather a micro-batch.")
     p.add_argument("--api-token-env", default="DIAGGYM_API_TOKEN",
                    help="Environment variable holding the bearer token (unset or empty = no auth).")
-    p.add_argument("--api-token-file", default=None, help="File holding the bearer token (a mounted secret).")
+    p.add_argument("--api-token-file", "--token-file", dest="api_token_file",
+                   default=os.environ.get("DIAGGYM_API_TOKEN_FILE") or None,
+                   help="File holding the bearer token (a mounted Secret; default $DIAGGYM_API_TOKEN_FILE). "
+                   "It wins over --api-token-env.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the baseline engines.")
     p.add_argument("--dtype", default="float32", help="Weights dtype of the transformers engine.")
     p.add_argument("--device", default="cpu", help="Device of the transformers engine.")
@@ -93,24 +120,29 @@ def build_model(args: argparse.Namespace):
         model_dir = "/mnt/models"
     if engine_kind == "openai":
         engine = make_engine("openai", url=url, served_model=args.served_model, timeout=args.request_timeout,
-                             api_key=os.environ.get("DIAGGYM_PREDICTOR_API_KEY"))
+                             api_key=os.environ.get("DIAGGYM_PREDICTOR_API_KEY"), concurrency=args.max_concurrency)
     elif engine_kind == "transformers":
         engine = make_engine("transformers", model=model_dir, device=args.device, dtype=args.dtype,
                              max_batch_size=args.max_batch)
     else:
         engine = make_engine(engine_kind, cases=train, seed=args.seed)
     limits = Limits(max_tokens=args.max_tokens_limit, max_instances=args.max_instances,
-                    max_body_bytes=args.max_body_bytes, timeout_s=args.request_timeout)
+                    max_body_bytes=args.max_body_bytes, timeout_s=args.request_timeout,
+                    context_length=args.context_length, max_concurrency=args.max_concurrency,
+                    max_queue=args.max_queue, ready_recheck_s=args.ready_recheck_s)
     return DiagGymModel(
         args.model_name, engine, dispatch=DISPATCH[engine_kind], limits=limits, exam_kinds=kinds,
         cases={c.case_id: c for c in cases}, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        aliases=tuple(args.model_alias),
     )
 
 
-async def run(model, host: str, port: int, token: str | None, access_log: bool = False) -> None:
-    """Serve until SIGINT/SIGTERM; the engine warms up in the background (readiness follows it)."""
+async def run(model, host: str, port: int, token: str | None, access_log: bool = False,
+              args: argparse.Namespace | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (drained, see :mod:`diaggym_serving.http`); readiness follows the engine."""
     from diaggym_serving import metrics
     from diaggym_serving.app import install
+    from diaggym_serving.http import DrainingServer, header_timeout_protocol
     from diaggym_serving.kserve_import import ModelServer, RESTServer, app
 
     loop = asyncio.get_running_loop()
@@ -120,19 +152,29 @@ async def run(model, host: str, port: int, token: str | None, access_log: bool =
     if not access_log:  # after ModelServer, which (re)configures logging
         for name in ("uvicorn.access", "kserve.trace"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    for name in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per upstream call otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # FastAPI's warnings about KServe's routes (ORJSONResponse, a shadowed operation id) are not per request
+    # and not ours to fix; they would only interleave with the request log.
+    warnings.filterwarnings("ignore", module=r"fastapi\..*")
     server.register_model(model)
-    install(app, model, token=token)
+    opts = args or build_parser().parse_args([])
+    install(app, model, token=token, body_timeout_s=opts.body_timeout,
+            registered=lambda: server.dataplane.model_registry.get_model(model.name) is model)
     rest = RESTServer(
-        "kserve.model_server:app", server.dataplane, server.model_repository_extension, port, grace_period=10
+        "kserve.model_server:app", server.dataplane, server.model_repository_extension, port,
+        grace_period=opts.graceful_timeout,
     )
     rest.config.host = host  # KServe hard-codes 0.0.0.0
+    rest.config.http = header_timeout_protocol(opts.header_timeout)
     # Cases, catalog and model objects live as long as the server: keep them out of the cyclic GC's
     # scans, whose full collections otherwise show up as latency spikes of hundreds of milliseconds.
     gc.collect()
     gc.freeze()
     warming = loop.create_task(model.keep_warming())
     try:
-        await rest.start()
+        rest.create_application()
+        await DrainingServer(rest.config, model, opts.drain_seconds).serve()
     finally:
         warming.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -151,5 +193,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("serving %r on http://%s:%d (engine %s, auth %s)", args.model_name, args.host, args.http_port,
              model.engine.name, "on" if token else "off")
-    asyncio.run(run(model, args.host, args.http_port, token, access_log=args.access_log))
+    asyncio.run(run(model, args.host, args.http_port, token, access_log=args.access_log, args=args))
     return 0

@@ -15,11 +15,22 @@ turned into ``None`` or an empty completion silently.
 
 One HTTP request per prompt, issued concurrently from a thread pool bounded by
 ``concurrency``: a batch of 32 prompts costs about one round trip, not 32, and the server's
-continuous batching does the rest.
+continuous batching does the rest.  :meth:`OpenAIEngine.agenerate` is the same on an event
+loop (the simulator server uses it): at most ``concurrency`` upstream calls at once, and a
+cancelled caller closes its upstream connection at once.
+
+A caller's ``deadline`` bounds everything: each attempt's timeout is cut to the time left,
+and no retry starts (nor backoff sleeps) past it, so a request the caller gave up on never
+turns into more load on an already slow server.
+
+Only what the caller chose is sent: ``top_p`` and ``seed`` when set, ``stop`` when not
+empty; otherwise the served model's own generation defaults apply, as with the reference
+client (it never sends ``top_p``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -128,17 +139,53 @@ class OpenAIEngine(Engine):
         self.tokenizer_eos = tokenizer_eos
         self.url = f"{self.base_url}/completions"
         self._client = openai.OpenAI(base_url=self.base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+        self._api_key = api_key or "EMPTY"
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._jitter = random.Random()
+        self._aclient: openai.AsyncOpenAI | None = None
+        self._slots: asyncio.Semaphore | None = None
 
     # ----------------------------------------------------------------- batching
     def _generate(self, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
+        return self.generate_until(prompts, params, None)
+
+    def generate_until(
+        self, prompts: list[str], params: list[SamplingParams], deadline: float | None
+    ) -> list[Completion]:
+        """:meth:`generate` that gives up at ``deadline`` (``time.monotonic()``), retries included."""
         if len(prompts) == 1:
-            return [self._complete(prompts[0], params[0])]
+            return [self._complete(prompts[0], params[0], deadline)]
         pool = self._get_pool()
-        futures = [pool.submit(self._complete, p, sp) for p, sp in zip(prompts, params, strict=True)]
+        futures = [pool.submit(self._complete, p, sp, deadline) for p, sp in zip(prompts, params, strict=True)]
         return _results_in_order(futures)
+
+    async def agenerate(
+        self, prompts: list[str], params: list[SamplingParams], deadline: float | None = None
+    ) -> list[Completion]:
+        """The async form (one event loop: the server's): cancellation closes the upstream connections."""
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if self._aclient is None:
+            self._aclient = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self._api_key, timeout=self.timeout, max_retries=0
+            )
+            self._slots = asyncio.Semaphore(self.concurrency)
+        try:
+            async with asyncio.TaskGroup() as group:  # the first failure cancels the others
+                tasks = [group.create_task(self._acomplete(p, sp, deadline))
+                         for p, sp in zip(prompts, params, strict=True)]
+        except BaseExceptionGroup as group_err:  # callers expect the engine's own error, not a group
+            raise group_err.exceptions[0] from None
+        return [t.result() for t in tasks]
+
+    def context_length(self) -> int | None:
+        """The served model's context as the server reports it (vLLM's ``max_model_len`` in ``/models``)."""
+        for m in self._client.models.list().data:
+            if m.id == self.model:
+                value = getattr(m, "max_model_len", None) or (m.model_extra or {}).get("max_model_len")
+                return value if isinstance(value, int) and value > 0 else None
+        return None
 
     def _get_pool(self) -> ThreadPoolExecutor:
         with self._pool_lock:
@@ -147,21 +194,63 @@ class OpenAIEngine(Engine):
             return self._pool
 
     # ----------------------------------------------------------------- one request
-    def _complete(self, prompt: str, params: SamplingParams) -> Completion:
+    def _complete(self, prompt: str, params: SamplingParams, deadline: float | None = None) -> Completion:
         attempt = 0
         while True:
             attempt += 1
+            timeout = self._attempt_timeout(deadline, attempt)
             try:
-                response = self._client.completions.create(**self._request(prompt, params))
+                response = self._client.completions.create(**self._request(prompt, params), timeout=timeout)
             except openai.OpenAIError as err:
                 reason, retryable, status = classify(err)
-                if retryable and attempt <= self.max_retries:
-                    time.sleep(self._delay(attempt - 1))
+                delay = self._retry_delay(retryable, attempt, deadline)
+                if delay is not None:
+                    time.sleep(delay)
                     continue
                 raise self._error(err, reason, retryable, status, attempt) from err
             except json.JSONDecodeError as err:  # a 200 whose JSON body is cut or corrupt
                 raise self._bad_response(f"body is not valid JSON ({err})", attempt) from err
             return self._to_completion(response, params, attempt)
+
+    async def _acomplete(self, prompt: str, params: SamplingParams, deadline: float | None) -> Completion:
+        assert self._aclient is not None and self._slots is not None
+        attempt = 0
+        while True:
+            attempt += 1
+            async with self._slots:  # at most `concurrency` upstream calls at once
+                timeout = self._attempt_timeout(deadline, attempt)
+                try:
+                    response = await self._aclient.completions.create(
+                        **self._request(prompt, params), timeout=timeout
+                    )
+                except openai.OpenAIError as err:
+                    reason, retryable, status = classify(err)
+                    delay = self._retry_delay(retryable, attempt, deadline)
+                    if delay is None:
+                        raise self._error(err, reason, retryable, status, attempt) from err
+                except json.JSONDecodeError as err:
+                    raise self._bad_response(f"body is not valid JSON ({err})", attempt) from err
+                else:
+                    return self._to_completion(response, params, attempt)
+            await asyncio.sleep(delay)
+
+    def _attempt_timeout(self, deadline: float | None, attempt: int) -> float:
+        if deadline is None:
+            return self.timeout
+        left = deadline - time.monotonic()
+        if left <= 0:
+            msg = f"POST {self.url}: the caller's deadline passed before attempt {attempt}"
+            raise RemoteEngineError(msg, reason="timeout", retryable=True, url=self.url, attempts=attempt - 1)
+        return min(self.timeout, left)
+
+    def _retry_delay(self, retryable: bool, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before the next attempt, or None: no retry (not retryable, out of tries, or of time)."""
+        if not retryable or attempt > self.max_retries:
+            return None
+        delay = self._delay(attempt - 1)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
 
     def _request(self, prompt: str, params: SamplingParams) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
@@ -169,8 +258,9 @@ class OpenAIEngine(Engine):
             "prompt": prompt,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
-            "stop": list(params.stop),
         }
+        if params.stop:
+            kwargs["stop"] = list(params.stop)
         if params.top_p is not None:  # unset: the server's own default (the reference sends none)
             kwargs["top_p"] = params.top_p
         if params.seed is not None:
@@ -230,6 +320,12 @@ class OpenAIEngine(Engine):
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
+
+    async def aclose(self) -> None:
+        """Close the async client (on the loop that used it)."""
+        client, self._aclient = self._aclient, None
+        if client is not None:
+            await client.close()
 
 
 def _results_in_order(futures: list[Future[Completion]]) -> list[Completion]:
