@@ -6,6 +6,7 @@ No mock objects: the official ``openai`` client talks HTTP to uvicorn on 127.0.0
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -257,3 +258,62 @@ def test_constructor_rejects_nonsense():
         OpenAIEngine("http://127.0.0.1:1/v1", "m", concurrency=0)
     with pytest.raises(ValueError, match="max_retries"):
         OpenAIEngine("http://127.0.0.1:1/v1", "m", max_retries=-1)
+
+
+# ------------------------------------------------------------------ deadlines, async, what is sent
+def _wait_for_log(server: CompletionsServer, model: str, n: int, seconds: float = 2.0) -> list:
+    deadline = time.monotonic() + seconds
+    while len(server.requests_for(model)) < n and time.monotonic() < deadline:
+        time.sleep(0.02)  # the server notices a disconnect a little later
+    return server.requests_for(model)
+
+
+@pytest.mark.integration
+def test_a_deadline_cuts_the_attempt_and_no_retry_starts_past_it(server, prompts):
+    with engine(server, "slow:3", timeout=5.0, max_retries=3) as eng:
+        start = time.monotonic()
+        with pytest.raises(EngineError) as info:
+            eng.generate_until([prompts[0]], [SamplingParams(seed=1)], deadline=start + 0.4)
+        elapsed = time.monotonic() - start
+    assert info.value.reason == "timeout" and elapsed < 1.0
+    time.sleep(0.5)
+    seen = _wait_for_log(server, "slow:3", 1)
+    assert len(seen) == 1 and seen[0].status == 499 and seen[0].time - seen[0].start < 0.8
+    with engine(server, "down", max_retries=3, backoff=0.4) as eng, pytest.raises(EngineError) as info:
+        eng.generate_until([prompts[0]], [SamplingParams(seed=1)], deadline=time.monotonic() + 0.15)
+    assert info.value.reason == "server_error" and len(server.requests_for("down")) == 1  # the backoff would pass it
+
+
+@pytest.mark.integration
+def test_async_generate_answers_and_a_cancelled_caller_closes_the_upstream_call(server, prompts):
+    async def run() -> tuple[list, float]:
+        eng = engine(server, concurrency=2)
+        try:
+            outs = await eng.agenerate(prompts[:3], [SamplingParams(seed=3, max_tokens=400)] * 3)
+            slow = OpenAIEngine(server.base_url, "slow:3", timeout=5.0)
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(slow.agenerate([prompts[0]], [SamplingParams(seed=1)]), 0.3)
+            await slow.aclose()
+            return outs, time.monotonic() - start
+        finally:
+            await eng.aclose()
+            eng.close()
+
+    outs, elapsed = asyncio.run(run())
+    with engine(server) as eng:
+        again = eng.generate(prompts[:3], SamplingParams(seed=3, max_tokens=400))
+    assert [o.text for o in outs] == [o.text for o in again]  # the same answers as the sync path
+    assert elapsed < 1.0
+    seen = _wait_for_log(server, "slow:3", 1)
+    assert seen[0].status == 499 and seen[0].time - seen[0].start < 0.8
+
+
+@pytest.mark.integration
+def test_only_the_sampling_fields_that_were_set_are_sent(server, prompts):
+    with engine(server) as eng:
+        eng.generate([prompts[0]], SamplingParams(seed=1))
+        eng.generate([prompts[0]], SamplingParams(top_p=0.5, stop=()))
+    first, second = (r.body for r in server.requests_for("marginal"))
+    assert "top_p" not in first and first["seed"] == 1 and first["stop"] == ["<SEP>"]
+    assert second["top_p"] == 0.5 and "seed" not in second and "stop" not in second
