@@ -11,6 +11,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 EXAM_KINDS = ("lab", "microbiology", "radiology", "physical", "other", "text", "unknown")
 ROUTES = ("predict", "completions")
+# client_closed: the client hung up first (the work was cancelled); unavailable: refused before the engine was
+# asked (overloaded, not ready); timeout: the request deadline passed.
+OUTCOMES = ("ok", "client_error", "engine_error", "timeout", "unavailable", "client_closed")
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -57,7 +60,7 @@ def init_labels() -> None:
     for route in ROUTES:
         PROMPT_TOKENS.labels(route)
         COMPLETION_TOKENS.labels(route)
-        for outcome in ("ok", "client_error", "engine_error"):
+        for outcome in OUTCOMES:
             REQUESTS.labels(route, outcome)
     for kind in EXAM_KINDS:
         EXAMS.labels(kind, "ok")
