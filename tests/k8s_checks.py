@@ -314,6 +314,18 @@ def pod_security_errors(doc: dict) -> list[str]:
     return errors
 
 
+def node_pool_errors(docs: list[dict] | tuple[dict, ...]) -> list[str]:
+    """Every pod must land on a named node pool; a GPU predictor must also tolerate the GPU taint."""
+    errors = []
+    for d in docs:
+        if d["kind"] in ("ServingRuntime", "ClusterServingRuntime"):
+            continue  # its containers run in the InferenceService predictor's pod
+        for where, pod in pod_specs(d):
+            if not (pod.get("nodeSelector") or pod.get("affinity", {}).get("nodeAffinity")):
+                errors.append(f"{object_id(d)} {where}: no node pool (nodeSelector or nodeAffinity)")
+    return errors
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # rendering and checkov
 

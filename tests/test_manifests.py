@@ -26,6 +26,7 @@ from tests.k8s_checks import (
     checkov_failures,
     containerfile_instructions,
     load_yaml_documents,
+    node_pool_errors,
     object_id,
     pod_security_errors,
     pod_specs,
@@ -179,18 +180,6 @@ def test_namespace_enforces_restricted_pod_security():
 
 # ---------------------------------------------------------------------------------------------------------------------
 # overlays: node pools, autoscaling, disruption budgets
-
-
-def node_pool_errors(docs: list[dict] | tuple[dict, ...]) -> list[str]:
-    """Every pod must land on a named node pool; a GPU predictor must also tolerate the GPU taint."""
-    errors = []
-    for d in docs:
-        if d["kind"] in ("ServingRuntime", "ClusterServingRuntime"):
-            continue  # its containers run in the InferenceService predictor's pod
-        for where, pod in pod_specs(d):
-            if not (pod.get("nodeSelector") or pod.get("affinity", {}).get("nodeAffinity")):
-                errors.append(f"{object_id(d)} {where}: no node pool (nodeSelector or nodeAffinity)")
-    return errors
 
 
 def _gpu_requested(docs) -> bool:
