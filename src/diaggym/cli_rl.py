@@ -114,3 +114,29 @@ def demo(
                + (f"; MLflow run {result.get('mlflow_run_id')}" if mlflow else ""))
     if os.environ.get("DIAGGYM_RL_DEMO_REQUIRE_RISE") and not d["excludes_zero"]:
         raise typer.Exit(1)
+
+
+@rl_app.command("env-server")
+def env_server(
+    cases: Annotated[Path | None, typer.Option(help="Preprocess output folder (default: the bundled demo cases).")]
+    = None,
+    split: Annotated[str | None, typer.Option(help="Split episodes are drawn from ('' = all).")] = "test",
+    simulator_url: Annotated[str | None, typer.Option(
+        help="A served simulator (diaggym serve); default: the marginal engine in-process.")] = None,
+    max_turns: Annotated[int, typer.Option(help="Turn limit per episode.")] = 12,
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    max_sessions: Annotated[int, typer.Option(help="Most concurrent WebSocket sessions.")] = 64,
+) -> None:
+    """Serve episodes over OpenEnv (WebSocket sessions at /ws; client: diaggym.env.adapters.openenv)."""
+    import uvicorn
+
+    from diaggym.env.adapters.openenv import create_app
+    from diaggym.env.core import EnvConfig
+
+    try:
+        app = create_app(EnvConfig(cases=str(cases) if cases else None, split=split or None,
+                                   simulator_url=simulator_url, max_turns=max_turns), max_sessions)
+    except InputError as err:
+        _fail(err)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
