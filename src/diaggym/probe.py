@@ -149,12 +149,37 @@ def run_probe(
     batch_size: int = 8,
     seed: int = 0,
     finding_plant: bool = False,
+    max_tokens: int = 160,
+    threads: int | None = None,
 ) -> dict:
     """Build the cohort, a base, train it with the normal trainer, and score it beside the baselines.
 
     Returns the errors of the trained model (greedy), marginal sampling and the training median on
-    the held-out split, with the training cost and held-out losses.
+    the held-out split, with the training cost and held-out losses.  ``max_tokens`` bounds each
+    scored generation; ``threads`` fixes torch's thread count for the run (restored afterwards).
     """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_probe(work, n_cases, steps, preset, lr, batch_size, seed, finding_plant, max_tokens)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_probe(
+    work: str | Path,
+    n_cases: int,
+    steps: int,
+    preset: str,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    finding_plant: bool,
+    max_tokens: int,
+) -> dict:
     from diaggym.cases import write_jsonl
     from diaggym.engines import make_engine
     from diaggym.model.base import init_base
@@ -203,5 +228,5 @@ def run_probe(
         "train_minutes": round(minutes, 2),
         "val_loss_before": summary.get("val_loss_before"),
         "val_loss_after": summary.get("val_loss_after"),
-        "errors": {name: probe_errors(engine, test_cases) for name, engine in engines.items()},
+        "errors": {name: probe_errors(engine, test_cases, max_tokens) for name, engine in engines.items()},
     }
