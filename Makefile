@@ -20,16 +20,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/diaggym preprocess --source mimic-iv --input data/mimic-iv-demo --out $(WORK)/demo/mimic-iv
-	$(VENV)/bin/diaggym preprocess --source agentclinic --input data/agentclinic/agentclinic_medqa.jsonl \
-		--out $(WORK)/demo/agentclinic
-	$(VENV)/bin/diaggym validate $(WORK)/demo/mimic-iv
-	./local_train.sh --config local --cases $(WORK)/demo/mimic-iv --out $(DEMO_RUN)
-	$(VENV)/bin/diaggym simulate --cases $(WORK)/demo/mimic-iv --model $(DEMO_RUN)/final \
-		--exam "Complete Blood Count (CBC)" --temperature 1.0 --top-p 0.95 --seed 0
-	@echo
-	@echo "Cases and card: $(WORK)/demo/mimic-iv/{cases.jsonl,card.md,card.json,exams_per_case.png}"
-	@echo "MLflow runs:    $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(WORK)/mlflow.db"
+	DIAGGYM_WORK=$(WORK) $(VENV)/bin/diaggym pipeline run --local --config demo --work $(WORK)/pipeline
+	DIAGGYM_WORK=$(WORK) $(PY) pipelines/demo_serve.py --work $(WORK)/pipeline
+	@echo "  dataset card:        $$(ls -td $(WORK)/pipeline/outputs/*/preprocess/card | head -1)"
+	@echo "  MLflow UI:           $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(WORK))/mlflow.db"
+	@echo "                       then http://127.0.0.1:5000/#/models/diaggym (the registry: versions, aliases, gate reasons)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks components pipelines serving

@@ -118,6 +118,12 @@ def build_model(args: argparse.Namespace):
     model_dir = args.model_dir
     if engine_kind == "transformers" and model_dir is None and Path("/mnt/models/config.json").is_file():
         model_dir = "/mnt/models"
+    registry_info = None
+    if model_dir and str(model_dir).startswith("models:/"):  # a registry version, downloaded through MLflow
+        from diaggym.registry import download
+
+        model_dir, registry_info = download(model_dir)
+        log.info("serving %s: version %s (%s)", args.model_dir, registry_info["version"], model_dir)
     if engine_kind == "openai":
         engine = make_engine("openai", url=url, served_model=args.served_model, timeout=args.request_timeout,
                              api_key=os.environ.get("DIAGGYM_PREDICTOR_API_KEY"), concurrency=args.max_concurrency)
@@ -130,11 +136,13 @@ def build_model(args: argparse.Namespace):
                     max_body_bytes=args.max_body_bytes, timeout_s=args.request_timeout,
                     context_length=args.context_length, max_concurrency=args.max_concurrency,
                     max_queue=args.max_queue, ready_recheck_s=args.ready_recheck_s)
-    return DiagGymModel(
+    model = DiagGymModel(
         args.model_name, engine, dispatch=DISPATCH[engine_kind], limits=limits, exam_kinds=kinds,
         cases={c.case_id: c for c in cases}, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
         aliases=tuple(args.model_alias),
     )
+    model.registry = registry_info  # named by /v1/models/NAME (None when not served from the registry)
+    return model
 
 
 async def run(model, host: str, port: int, token: str | None, access_log: bool = False,
@@ -161,6 +169,15 @@ async def run(model, host: str, port: int, token: str | None, access_log: bool =
     opts = args or build_parser().parse_args([])
     install(app, model, token=token, body_timeout_s=opts.body_timeout,
             registered=lambda: server.dataplane.model_registry.get_model(model.name) is model)
+    if getattr(model, "registry", None):  # before KServe's own /v1/models/NAME: the answer names the version
+
+        @app.get(f"/v1/models/{model.name}")
+        async def model_status() -> dict:
+            from kserve.errors import ModelNotReady
+
+            if not model.ready:
+                raise ModelNotReady(model.name)
+            return {"name": model.name, "ready": True, "registry": model.registry}
     rest = RESTServer(
         "kserve.model_server:app", server.dataplane, server.model_repository_extension, port,
         grace_period=opts.graceful_timeout,

@@ -443,6 +443,11 @@ def serve(ctx: typer.Context) -> None:
     raise typer.Exit(serve_main(list(ctx.args)))
 
 
+from diaggym.cli_pipeline import pipeline_app, promote  # noqa: E402 - the pipeline and registry commands
+
+app.add_typer(pipeline_app, name="pipeline")
+app.command()(promote)
+
 from diaggym.cli_rl import rl_app  # noqa: E402 - the RL environment commands
 
 app.add_typer(rl_app, name="rl")
