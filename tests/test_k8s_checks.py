@@ -304,3 +304,11 @@ def test_image_pinned():
     assert image_pinned("a/b@sha256:" + "0" * 64)
     for bad in ("a/b", "a/b:latest", "registry.example.org:5000/a/b", ""):
         assert not image_pinned(bad), bad
+
+
+def test_kubeflow_trainer_kinds_are_checked_against_their_crd():
+    job = {"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob", "metadata": {"name": "diaggym-train"},
+           "spec": {"runtimeRef": {"name": "torch-distributed"}, "trainer": {"numNodes": 2}}}
+    assert validation_errors(job) == []
+    job["spec"]["trainer"]["numNode"] = job["spec"]["trainer"].pop("numNodes")
+    assert any("numNode" in e for e in validation_errors(job))
