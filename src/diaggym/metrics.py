@@ -10,6 +10,7 @@ the helpers for those choices (:func:`single_unit_keys`, :func:`top_exams`) live
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,10 +164,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, float), np.asarray(b, float)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():  # near-singular product: regularize as the FID reference code does
-        eps = np.eye(len(cov_a)) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    with warnings.catch_warnings():  # few samples in many dimensions: singular by construction, not news
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # near-singular product: regularize as the FID reference code does
+            eps = np.eye(len(cov_a)) * 1e-6
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = np.real(covmean)
     fid = float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
     return max(0.0, fid)
