@@ -202,3 +202,21 @@ def test_llm_judge_strict_and_counted(cases):
         r = env.step(format_diagnosis("Sepsis"))
         parts = r.info["reward_parts"]
         assert parts["correct"] == 0.0 and "HTTP 503" in parts["judge_error"]
+
+
+def test_chat_agent_plays_an_episode(cases):
+    """The OpenAI-compatible chat agent speaks the protocol; a failing endpoint is an empty turn, not a crash."""
+    from diaggym.env.agents import ChatAgent, run_episode
+
+    case = next(c for c in cases if c.split == "test")
+    turns = [(200, _chat(format_request(CBC)), 0), (200, _chat(format_diagnosis("Sepsis")), 0)]
+    with Scripted(turns) as s:
+        agent = ChatAgent(s.url, model="m", retries=0)
+        env = DiagEnv(cases=cases, split="test")
+        out = run_episode(env, agent, case_id=case.case_id)
+        assert out["end_reason"] == "diagnosis" and out["requested"] == [CBC]
+        assert s.requests[1]["body"]["messages"][-1]["content"].startswith("Here is the test result:")
+        assert s.requests[0]["body"]["messages"][0]["content"].startswith(env.agent_view(case)[:40])
+    with Scripted([(503, {"error": "down"}, 0)]) as s:
+        out = run_episode(DiagEnv(cases=cases, split="test"), ChatAgent(s.url, model="m", retries=1), seed=0)
+        assert out["end_reason"] == "format_error"

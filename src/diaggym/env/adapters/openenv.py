@@ -1,8 +1,9 @@
 """OpenEnv adapter (``openenv-core``): the environment server and its client class.
 
-Server: :func:`create_app` → OpenEnv's FastAPI app (``/ws`` WebSocket sessions, ``/health``, ``/schema``, and
-the stateless HTTP ``/reset``/``/step``); each WebSocket session gets its own :class:`DiagEnv` (cases loaded once
-and shared), so concurrent episodes stay apart.  ``diaggym rl env-server`` runs it on 127.0.0.1.
+Server: :func:`create_app` → OpenEnv's FastAPI app (``/ws`` WebSocket sessions, ``/health``, ``/schema``, the
+stateless HTTP ``/reset``/``/step``) plus the hand-play page ``/play``; each WebSocket session gets its own
+:class:`DiagEnv` (cases loaded once and shared), so concurrent episodes stay apart.
+``diaggym rl env-server`` runs it on 127.0.0.1.
 Client: :class:`DiagGymEnvClient` (async; ``.sync()`` for a blocking one), actions are turn text in the
 protocol, observations carry the text plus ``case_id``, ``turn``, ``end_reason`` and, at the end,
 ``reward_parts`` (OpenEnv drops an observation's ``metadata`` on the wire, so these are fields).
@@ -85,8 +86,12 @@ def create_app(config: EnvConfig | None = None, max_sessions: int = 64):
 
     cfg = config or EnvConfig()
     cases = load_cases(cfg.cases or demo_cases_path())
-    return create_fastapi_app(lambda: DiagOpenEnv(DiagEnv(cfg, cases=cases)), DiagAction, DiagObservation,
-                              max_concurrent_envs=max_sessions)
+    app = create_fastapi_app(lambda: DiagOpenEnv(DiagEnv(cfg, cases=cases)), DiagAction, DiagObservation,
+                             max_concurrent_envs=max_sessions)
+    from diaggym.env.play import mount_play
+
+    mount_play(app, lambda: DiagEnv(cfg, cases=cases))  # the hand-play page at /play
+    return app
 
 
 class DiagGymEnvClient(EnvClient[DiagAction, DiagObservation, DiagState]):
