@@ -312,3 +312,13 @@ def test_unit_words_are_data_and_drive_value_parsing():
         "value": "120", "valuenum": 120.0, "unit": "mmHg", "comment": None, "ref_low": 90.0, "ref_high": 140.0,
     }  # fmt: skip
     assert parse_value("3 apples") is None  # "apples" is no unit word: not a numeric result
+
+
+def test_json_floats_never_become_exponent_text():
+    from diaggym.sources.agentclinic.tree import scalar_text
+
+    assert scalar_text(1e-05) == "0.00001"
+    assert scalar_text(2.5e16) == "25000000000000000.0"
+    assert scalar_text(13.5) == "13.5"
+    assert scalar_text(7) == "7"  # integers stay as written
+    assert scalar_text(float("nan")) is None

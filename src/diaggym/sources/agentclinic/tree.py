@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from diaggym.serialization import format_number
 from diaggym.text_rules import norm, one_line
 
 
@@ -27,6 +28,8 @@ def scalar_text(value: Any) -> str | None:
         return None
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, float):  # str() would write 1e-05, which no diaggym-v1 reader parses
+        return format_number(value) if math.isfinite(value) else None
     return one_line(str(value))
 
 
