@@ -91,6 +91,9 @@ def test_values_reach_the_objects():
     runtime = the(dev, "ServingRuntime")["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in runtime["resources"]["limits"] and "cpu-release" in runtime["image"]
     assert "scaleMetric" not in the(dev, "InferenceService")["spec"]["transformer"], "one replica: no HPA"
+    binding = the(render({"pipeline": {"namespace": "kubeflow-user"}}), "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "diaggym-pipeline", "namespace": "kubeflow-user"}]
+    assert the(dev, "RoleBinding")["subjects"][0]["namespace"] == "diaggym"
 
 
 def test_switches_drop_monitoring_and_the_in_cluster_database():
