@@ -8,6 +8,7 @@ import re
 from functools import cache
 from pathlib import Path
 
+import helm_python as helm  # helm-python-sdk (dev extra): Helm's library, no binary, no network
 import pytest
 import yaml
 
@@ -19,8 +20,6 @@ from tests.k8s_checks import (
     render_kustomize,
     validation_errors,
 )
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the dev extra")
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "diaggym"
