@@ -273,3 +273,51 @@ def test_each_refused_request_is_one_escaped_info_line(server):
     assert not [ln for ln in lines if ln.startswith("FORGED") or "Traceback" in ln or " ERROR " in ln], lines
     assert any("evil\\nFORGED" in ln for ln in ours)
     assert len(lines) == len(sent), lines  # nothing else: one line per refused request
+
+
+# ---------------------------------------------------------------------------------------------- baselines
+def test_baseline_honours_max_tokens(server):
+    url, _ = server
+    pred = _predict(url, {"instances": [_instance(max_tokens=1)]}).json()["predictions"][0]
+    assert pred["finish_reason"] == "length" and pred["completion_tokens"] == 1, pred
+    full = _predict(url, {"instances": [_instance(max_tokens=CONTEXT)]}).json()["predictions"][0]
+    assert full["finish_reason"] == "stop" and full["completion_tokens"] > 20
+    cut = _predict(url, {"instances": [_instance(max_tokens=20)]}).json()["predictions"][0]
+    assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 20
+    assert full["result"].startswith(cut["result"])  # the same draw, cut
+
+
+def test_unique_unknown_exam_names_do_not_grow_memory(server):
+    """300 requests with unique 300 kB exam names the engine never saw: the server's RSS stays flat."""
+    import psutil
+
+    url, proc = server
+    assert proc.proc is not None
+    rss = psutil.Process(proc.proc.pid).memory_info
+    with httpx.Client(headers=AUTH, timeout=30) as client:
+
+        def burst(start: int, n: int) -> None:
+            for k in range(start, start + n):
+                name = f"Unknown exam {k} " + "x" * 300_000
+                r = client.post(f"{url}/v1/models/diaggym:predict", json={"instances": [_instance(exam=name)]})
+                assert r.status_code == 200 and r.json()["predictions"][0]["result"], r.text[:200]
+
+        burst(0, 50)  # allocator pools and caches settle
+        before = rss().rss
+        burst(50, 300)
+        grown = rss().rss - before
+    assert grown < 40e6, f"RSS grew {grown / 1e6:.0f} MB over 300 unique 300 kB names (unbounded: ~90 MB)"
+
+
+def test_unknown_exam_names_are_all_counted_but_only_a_bounded_table_is_kept(demo_out):
+    from diaggym.engines import SamplingParams, make_engine
+
+    out, _ = demo_out
+    engine = make_engine("marginal", cases=[c for c in load_cases(out / "cases.jsonl") if c.split == "train"])
+    prompts = [_prompt(f"Unknown {k} " + "y" * 1000) for k in range(300)]
+    outs = engine.generate(prompts + prompts[:5], SamplingParams(seed=1))
+    assert all(o.meta.get("fallback") for o in outs)
+    cap = engine.MAX_FALLBACK_NAMES
+    assert engine.fallbacks == 305 and len(engine.fallback_exams) == cap
+    assert sum(engine.fallback_exams.values()) + engine.fallbacks_unnamed == 305
+    assert max(len(n) for n in engine.fallback_exams) <= engine.FALLBACK_NAME_CHARS

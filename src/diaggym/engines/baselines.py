@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import threading
 from collections import Counter
 from decimal import Decimal
@@ -113,6 +114,14 @@ def rough_tokens(text: str) -> int:
     return len(text.split())
 
 
+def cut_to_tokens(text: str, max_tokens: int) -> tuple[str, str]:
+    """(text cut after ``max_tokens`` words, finish reason): ``length`` when it was cut, else ``stop``."""
+    words = list(re.finditer(r"\S+", text))
+    if len(words) <= max_tokens:
+        return text, "stop"
+    return text[: words[max_tokens - 1].end()], "length"
+
+
 def request_seed(engine_seed: int, seed: int, exam: str) -> int:
     """A stable 64-bit seed for one request (sha256, so it does not change across processes)."""
     key = json.dumps([engine_seed, seed, exam], ensure_ascii=False).encode("utf-8")
@@ -130,21 +139,27 @@ def exam_from_prompt(prompt: str) -> str:
 class StatsEngine(Engine):
     """Shared machinery: read the exam from the prompt, answer from the training statistics, count fallbacks.
 
-    Token counts are rough (:func:`rough_tokens`: words, not tokenizer tokens).  ``finish_reason`` is
-    always ``"stop"``: a baseline writes whole results and ignores ``max_tokens``, ``temperature`` and
-    ``top_p``.  With ``SamplingParams.seed`` set, the draw depends only on (engine seed, request seed,
+    Token counts are rough (:func:`rough_tokens`: words, not tokenizer tokens).  A result longer than
+    ``max_tokens`` words is cut after that many and reports ``finish_reason="length"``, as a model would;
+    ``temperature`` and ``top_p`` are ignored.  Unseen exam names are counted in ``fallbacks``; the first
+    ``MAX_FALLBACK_NAMES`` distinct names (cut to ``FALLBACK_NAME_CHARS``) are kept in ``fallback_exams``
+    and the rest only counted in ``fallbacks_unnamed``, so a stream of unique names cannot grow memory.
+    With ``SamplingParams.seed`` set, the draw depends only on (engine seed, request seed,
     exam name), so it is reproducible whatever else is in the batch; without one, the engine's own RNG
     stream is used.
     """
 
     name = "stats"
     fallback_reason = "unseen_exam"
+    MAX_FALLBACK_NAMES = 256
+    FALLBACK_NAME_CHARS = 200
 
     def __init__(self, stats: TrainingStats, seed: int = 0) -> None:
         self.stats = stats
         self.seed = seed
         self.fallbacks = 0
         self.fallback_exams: Counter[str] = Counter()
+        self.fallbacks_unnamed = 0  # fallbacks whose name was not kept (the name table was full)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
@@ -159,9 +174,10 @@ class StatsEngine(Engine):
             text, meta = FALLBACK_TEXT, {"fallback": self.fallback_reason}
         else:
             text, meta = self._answer(exam, stats, self._rng_for(params, exam)), {"kind": stats.kind}
+        text, finish = cut_to_tokens(text, params.max_tokens)
         return Completion(
             text=text,
-            finish_reason="stop",
+            finish_reason=finish,
             prompt_tokens=rough_tokens(prompt),
             completion_tokens=rough_tokens(text),
             meta=meta,
@@ -174,9 +190,13 @@ class StatsEngine(Engine):
             return random.Random(self._rng.getrandbits(64))
 
     def _count_fallback(self, exam: str) -> None:
+        name = exam[: self.FALLBACK_NAME_CHARS]
         with self._lock:
             self.fallbacks += 1
-            self.fallback_exams[exam] += 1
+            if name in self.fallback_exams or len(self.fallback_exams) < self.MAX_FALLBACK_NAMES:
+                self.fallback_exams[name] += 1
+            else:
+                self.fallbacks_unnamed += 1
 
     def _answer(self, exam: str, stats: ExamStats, rng: random.Random) -> str:
         raise NotImplementedError
