@@ -6,7 +6,7 @@ NFKC-normalised, then replaced by ``?`` (counted in ``info["replaced_chars"]``),
 space.  With no arguments the environment runs the bundled demo cases (test split) against the marginal
 baseline engine in-process and judges with exact/alias + fuzzy matching — no server, no model.
 ``simulator_url=`` points it at a served simulator, ``cases=`` / ``split=`` at other cases.  The reward comes
-at the last step; ``info["reward_parts"]`` splits it.
+at the last step; ``info["reward_parts"]`` splits it; timings are in ``env.unwrapped.core.log``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,10 @@ class DiagGymEnv(gym.Env):
 
     def step(self, action: str) -> tuple[str, float, bool, bool, dict]:
         r = self.core.step(action)
-        return self._obs(r.observation, r.info), float(r.reward), r.terminated, r.truncated, r.info
+        # Timings vary run to run; Gymnasium wants the same info for the same seed and action, so they stay in
+        # the core's log (``env.unwrapped.core.log``) and the info's copy of the log drops them.
+        info = {**r.info, "log": [{k: v for k, v in e.items() if k != "seconds"} for e in r.info.get("log", [])]}
+        return self._obs(r.observation, info), float(r.reward), r.terminated, r.truncated, info
 
     def render(self) -> str | None:
         return self._last if self.render_mode == "ansi" else None
