@@ -10,7 +10,8 @@
   Object metadata of custom resources is checked with the built-in ObjectMeta schema.
 * ``pod_security_errors``: Pod Security "restricted" plus the house rules (read-only root filesystem, requests and
   limits, probes, pinned image tags) on every pod spec an object carries, InferenceService components included.
-* ``render_kustomize`` / ``checkov_failures``: the rendered output of an overlay, and checkov's verdict on it.
+* ``render_kustomize`` / ``render_helm`` / ``checkov_everything``: the rendered output of an overlay or the chart, and
+  checkov's verdict on all of them (one run).
 * ``containerfile_instructions``: a Containerfile as (INSTRUCTION, args) pairs.
 
 tests/test_k8s_checks.py proves each check rejects what it should.
@@ -35,6 +36,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "schemas"
+CHART = ROOT / "helm" / "diaggym"
 K8S_VERSION = "1.31"
 
 # (group, kind) -> CRD file under schemas/
@@ -357,17 +359,18 @@ def checkov_binary() -> str | None:
     return shutil.which("checkov")
 
 
-def checkov_failures(docs: list[dict]) -> tuple[list[str], list[str], int]:
-    """(failed checks, skipped checks with their reasons, passed count) of checkov's Kubernetes framework, offline."""
+def checkov_results(sets: dict[str, list[dict]]) -> dict[str, tuple[list[str], list[str], int]]:
+    """checkov's Kubernetes framework over several rendered sets in one run (its start-up is most of its time):
+    name -> (failed checks, skipped checks, passed count). Offline: no download, no platform mapping."""
     binary = checkov_binary()
     if binary is None:
         raise RuntimeError("checkov not found: run `make checkov-venv`")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "rendered.yaml"
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        for name, docs in sets.items():
+            (Path(tmp) / f"{name}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
         env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_RUN_SCA_PACKAGE_SCAN_V2": "false"}
         done = subprocess.run(
-            [binary, "-f", str(path), "--framework", "kubernetes", "--skip-download", "-o", "json"],
+            [binary, "-d", tmp, "--framework", "kubernetes", "--skip-download", "-o", "json"],
             capture_output=True, text=True, timeout=300, env=env,
         )
     out = done.stdout.strip()
@@ -375,13 +378,39 @@ def checkov_failures(docs: list[dict]) -> tuple[list[str], list[str], int]:
         raise RuntimeError(f"checkov gave no JSON (rc {done.returncode}):\n{done.stderr[-3000:]}")
     reports = json.loads(out)
     reports = reports if isinstance(reports, list) else [reports]
-    failed, skipped, passed = [], [], 0
+    results: dict[str, tuple[list[str], list[str], int]] = {name: ([], [], 0) for name in sets}
     for r in reports:
-        passed += r.get("summary", {}).get("passed", 0)
         res = r.get("results", {})
-        failed += [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in res.get("failed_checks", [])]
-        skipped += [f"{c['check_id']} {c['resource']}" for c in res.get("skipped_checks", [])]
-    return failed, skipped, passed
+        for key, index in (("failed_checks", 0), ("skipped_checks", 1), ("passed_checks", 2)):
+            for c in res.get(key, []):
+                name = Path(c["file_path"]).stem
+                failed, skipped, passed = results[name]
+                if index == 0:
+                    failed.append(f"{c['check_id']} {c['resource']}: {c['check_name']}")
+                elif index == 1:
+                    skipped.append(f"{c['check_id']} {c['resource']}")
+                else:
+                    results[name] = (failed, skipped, passed + 1)
+    return results
+
+
+def render_helm(values: dict | None = None) -> list[dict]:
+    """helm/diaggym rendered offline by Helm's library (helm-python-sdk), release `diaggym` in namespace `diaggym`."""
+    import helm_python
+
+    out = helm_python.Chart.load(str(CHART)).render(values or {}, name="diaggym", namespace="diaggym")
+    return [d for text in out.values() for d in yaml.safe_load_all(text) if d]
+
+
+@cache
+def checkov_everything() -> dict[str, tuple[list[str], list[str], int]]:
+    """One checkov run over every install path: kustomize dev and prod, the chart with default and prod values."""
+    return checkov_results({
+        "kustomize-dev": render_kustomize(ROOT / "k8s" / "overlays" / "dev"),
+        "kustomize-prod": render_kustomize(ROOT / "k8s" / "overlays" / "prod"),
+        "helm-default": render_helm(),
+        "helm-prod": render_helm(yaml.safe_load((CHART / "values-prod.yaml").read_text())),
+    })
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import pytest
 import yaml
 
 from tests.k8s_checks import (
-    checkov_failures,
+    checkov_everything,
     node_pool_errors,
     object_id,
     pod_security_errors,
+    render_helm,
     render_kustomize,
     validation_errors,
 )
@@ -30,14 +31,8 @@ VALUES = {
 }
 
 
-@cache
-def _chart():
-    return helm.Chart.load(str(CHART))
-
-
 def render(values: dict | None = None) -> list[dict]:
-    out = _chart().render(values or {}, name="diaggym", namespace="diaggym")
-    return [d for text in out.values() for d in yaml.safe_load_all(text) if d]
+    return render_helm(values)
 
 
 @cache
@@ -141,7 +136,7 @@ def test_every_value_is_documented_in_the_readme():
 @pytest.mark.integration
 @pytest.mark.parametrize("which", ["default", "prod"])
 def test_checkov_finds_nothing_in_the_rendered_chart(which):
-    failed, skipped, passed = checkov_failures(list(rendered(which)))
+    failed, skipped, passed = checkov_everything()[f"helm-{which}"]
     assert failed == []
     assert passed > 150
     assert len(skipped) == 3, skipped  # the annotated image-digest and MLflow-environment skips

@@ -212,3 +212,20 @@ def test_diaggym_names_exist_on_the_real_metrics_page(tmp_path, demo_out):
     missing = sorted(used - exposed)
     assert not missing, f"not on the server's /metrics: {missing}"
     assert "diaggym_not_a_metric_total" not in exposed
+
+
+@pytest.mark.integration
+def test_vllm_names_exist_on_a_real_vllm_metrics_page(trained_tiny, tmp_path):
+    """vLLM's CPU build serving the tiny checkpoint: its /metrics page before any request carries every vllm:* name
+    the alerts and the dashboard use (labelled counters and gauges are created at start)."""
+    from tests.vllm_server import VLLMServer, vllm_available
+
+    if not vllm_available():
+        pytest.fail("vLLM's CPU build is missing: `make vllm-venv` (serving/vllm/install.sh)")
+    with VLLMServer(trained_tiny, log_path=tmp_path / "vllm.log") as server:
+        page = httpx.get(f"{server.url}/metrics", timeout=10).text
+    exposed = _exposed_names(page)
+    used = {n for n in _all_used_names() if n.startswith("vllm:")}
+    assert len(used) >= 6
+    missing = sorted(used - exposed)
+    assert not missing, f"not on vLLM's /metrics: {missing}"
