@@ -321,3 +321,18 @@ def test_unknown_exam_names_are_all_counted_but_only_a_bounded_table_is_kept(dem
     assert engine.fallbacks == 305 and len(engine.fallback_exams) == cap
     assert sum(engine.fallback_exams.values()) + engine.fallbacks_unnamed == 305
     assert max(len(n) for n in engine.fallback_exams) <= engine.FALLBACK_NAME_CHARS
+
+
+def test_a_websocket_upgrade_is_refused(server):
+    import base64
+    import socket
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 403"), answer  # closed before the handshake: no 101 Switching Protocols
+    _served(url)

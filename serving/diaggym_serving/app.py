@@ -110,7 +110,10 @@ class Guard:
         self.body_timeout = body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # no route of this API is a websocket
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
