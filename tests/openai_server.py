@@ -242,7 +242,7 @@ class CompletionsServer:
             return _error(400 if err.reason == "bad_prompt" else 500, err.reason, str(err))
         text, _ = cut_at_stop(completion.text, params.stop)
         words = text.split()
-        finish = "stop"
+        finish = completion.finish_reason  # a baseline engine cuts at max_tokens words itself
         if len(words) > params.max_tokens:
             text, finish = " ".join(words[: params.max_tokens]), "length"
         prompt_tokens, cached = len(prompt.split()), self._cached_words(prompt)
