@@ -124,7 +124,10 @@ def run(
     try:
         fn(**params)
     except RuntimeError as err:  # kfp names the failed task; its log is above
-        _fail(f"the pipeline failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}", 1)
+        line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "'gate'" in line:  # the gate's reasons are on the version it refused
+            line += f" {_gate_reasons(params.get('model_name', 'diaggym'))}"
+        _fail(f"the pipeline failed: {line}", 1)
     typer.echo(f"pipeline finished in {time.time() - t0:.0f} s")
     reports = sorted((work / "outputs").glob("*/evaluate/report"), key=lambda p: p.stat().st_mtime)
     if reports:
@@ -132,6 +135,18 @@ def run(
     uri = os.environ["MLFLOW_TRACKING_URI"]
     typer.echo(f"MLflow UI:         {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {uri}  "
                f"(registry: http://127.0.0.1:5000/#/models/{params.get('model_name', 'diaggym')})")
+
+
+def _gate_reasons(name: str) -> str:
+    from diaggym import registry
+
+    try:
+        mv = registry.version_by_alias(registry.connect(), name, registry.CHALLENGER)
+    except InputError:
+        return ""
+    if mv is None:
+        return ""
+    return f"Version {mv.version} refused: " + "; ".join(json.loads(mv.tags.get("diaggym.gate.reasons", "[]")))
 
 
 @pipeline_app.command("compile")
