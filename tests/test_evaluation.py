@@ -143,7 +143,7 @@ def test_real_side_is_the_training_split_with_one_unit_and_the_top_radiology_exa
     assert text_metric_names("microbiology") == ("microbiology_text_diversity", "microbiology_text_fid")
 
 
-def test_demo_reports_wdist_and_names_the_microbiology_variant(setup, tmp_path):
+def test_demo_reports_wdist_and_says_it_has_no_radiology(setup, tmp_path):
     """The demo's 7 test cases x 5 samples reach 30 generated values; the real side is the training split."""
     cases_dir, train = setup
     doc = evaluate(
@@ -151,6 +151,7 @@ def test_demo_reports_wdist_and_names_the_microbiology_variant(setup, tmp_path):
         str(tmp_path / "rep"),
         {"marginal": make_engine("marginal", cases=train, seed=0)},
         settings=EvalSettings(max_exams=2, exam_types=2, exam_samples=5),
+        use_embeddings=False,  # embedding the demo's 139 training reports costs ~20 s; the text metrics are below
         mlflow=False,
     )
     assert doc["real_data"]["split"] == "train" and doc["real_data"]["text_kind"] == "microbiology"
@@ -158,13 +159,46 @@ def test_demo_reports_wdist_and_names_the_microbiology_variant(setup, tmp_path):
     m = doc["engines"]["marginal"]["metrics"]
     assert m["num_wdist"] is not None and m["num_wdist_groups"] >= 5
     assert m["num_wdist"] < 0.5  # marginal sampling draws from the training values themselves
-    assert "text_diversity" not in m and "text_fid" not in m  # the paper's names only for radiology
-    assert m["microbiology_text_diversity"] is not None and m["microbiology_text_fid"] >= 0
+    assert doc["engines"]["marginal"]["skipped"]["text metrics: no embedding model"] == 1
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "no radiology reports" in report and "microbiology text FID (variant)" in report
 
 
-def test_embeddings_are_the_models_own_output_not_renormalised(tmp_path):
+@pytest.fixture(scope="module")
+def embedder():
+    from diaggym.evaluation.run import Embedder
+
+    return Embedder()
+
+
+def _with_reports(kind: str, name: str) -> list:
+    cohort = [c for c in make_probe_cohort(30, seed=1) if c.split == "train"]
+    texts = ["No growth.", "Escherichia coli, >100,000 CFU/mL.", "Gram positive cocci in clusters.",
+             "Yeast isolated.", "Mixed flora, likely contamination."]
+    for i, c in enumerate(cohort):
+        c.exams.append(Exam(name=name, kind=kind, group=9, result=texts[i % len(texts)]))
+    return cohort
+
+
+@pytest.mark.parametrize(("kind", "div", "fid"), [
+    ("microbiology", "microbiology_text_diversity", "microbiology_text_fid"),
+    ("radiology", "text_diversity", "text_fid"),
+])
+def test_text_metrics_carry_the_paper_names_only_for_radiology(embedder, kind, div, fid):
+    from diaggym.evaluation.run import EngineReport, distribution_metrics
+
+    real = real_distributions(_with_reports(kind, "Report"))
+    assert real.text_kind == kind and real.text_exams == ["Report"]
+    rep = EngineReport("e")
+    rep.generated_texts["Report"] = ["No growth.", "No growth.", "Yeast isolated."]
+    distribution_metrics(rep, real, embedder)
+    others = {"text_diversity", "text_fid", "microbiology_text_diversity", "microbiology_text_fid"} - {div, fid}
+    assert not others & set(rep.metrics)
+    assert 0 < rep.metrics[div] < rep.metrics[f"{div}_real"]  # two of three generated reports are identical
+    assert rep.metrics[fid] >= 0 and rep.metrics[f"{div}_per_group"].keys() == {"Report"}
+
+
+def test_embeddings_are_the_models_own_output_not_renormalised(tmp_path, embedder):
     """FID depends on the embeddings' scale: the evaluation must not L2-normalise them (the reference does not).
 
     The bundled all-MiniLM-L6-v2 normalises inside its own module pipeline; the same weights without that
@@ -187,6 +221,6 @@ def test_embeddings_are_the_models_own_output_not_renormalised(tmp_path):
     vecs = Embedder(str(raw))(texts)
     norms = np.linalg.norm(vecs, axis=1)
     assert (np.abs(norms - 1) > 0.05).all(), norms  # raw vectors, not unit length
-    unit = Embedder()(texts)
+    unit = embedder(texts)
     assert cosine_rows(vecs, unit) == pytest.approx(np.ones(3), abs=1e-4)  # same directions
     assert cosine_rows(vecs, 2 * vecs[[1, 2, 0]]) == pytest.approx(cosine_rows(unit, unit[[1, 2, 0]]), abs=1e-4)

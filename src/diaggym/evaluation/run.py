@@ -293,6 +293,13 @@ class RealData:
     text_kind: str | None
     text_exams: list[str]
     skipped: Counter
+    text_embeddings: dict = field(default_factory=dict)  # exam -> embeddings of ``texts``, filled once per run
+
+    def embed(self, embedder: Embedder) -> dict:
+        """Embeddings of the real reports of :attr:`text_exams` (computed once, shared by every engine)."""
+        if not self.text_embeddings:
+            self.text_embeddings = {k: embedder(self.texts[k]) for k in self.text_exams}
+        return self.text_embeddings
 
 
 def real_distributions(train: list[Case], top_k: int = 5, min_real: int = 5) -> RealData:
@@ -356,7 +363,7 @@ def distribution_metrics(rep: EngineReport, real: RealData, embedder: Embedder |
         rep.skipped["text metrics: no embedding model"] += 1
         return
     div_name, fid_name = text_metric_names(real.text_kind)
-    real_emb = {k: embedder(real.texts[k]) for k in real.text_exams}
+    real_emb = real.embed(embedder)
     gen_emb = {k: embedder(rep.generated_texts[k]) for k in real.text_exams if len(rep.generated_texts.get(k, ())) >= 2}
     div = text_diversity(gen_emb, real.text_exams, div_name)
     rep.metrics[div_name] = div.value
