@@ -139,7 +139,7 @@ def test_run_probe_trains_the_model_and_scores_it_beside_the_baselines(tmp_path)
     Whether the model *learns* the planted dependencies takes hundreds of steps and is measured by
     ``benchmarks/conditioning.py`` (benchmarks/RESULTS.md), not here: a few steps only have to run the whole path.
     """
-    res = run_probe(tmp_path, n_cases=60, steps=2, preset="tiny", batch_size=2, max_tokens=24, threads=1)
+    res = run_probe(tmp_path, n_cases=60, steps=2, preset="tiny", batch_size=2, max_tokens=64, threads=1)
     assert res["train_cases"] + res["test_cases"] < 60 and res["test_cases"] > 0
     assert (tmp_path / "run" / "final" / "config.json").is_file() and (tmp_path / "cases.jsonl").is_file()
     assert res["val_loss_before"] > 0 and res["val_loss_after"] > 0
