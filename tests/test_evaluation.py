@@ -162,6 +162,8 @@ def test_demo_reports_wdist_and_says_it_has_no_radiology(setup, tmp_path):
     assert doc["engines"]["marginal"]["skipped"]["text metrics: no embedding model"] == 1
     report = (tmp_path / "rep" / "report.md").read_text()
     assert "no radiology reports" in report and "microbiology text FID (variant)" in report
+    n_units = doc["real_data"]["skipped"]["analytes without one consistent unit in training"]
+    assert f"- real data (training split): analytes without one consistent unit in training: {n_units}" in report
 
 
 @pytest.fixture(scope="module")

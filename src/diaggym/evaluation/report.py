@@ -184,6 +184,9 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
     lines.append("| *real data* | " + " | ".join(_fmt(real_row.get(k)) for k, _, _ in TABLE) + " |")
     lines += ["", *[f"![{p}]({p})" for p in plots], "", "## Skipped (counted, with reasons)", ""]
     any_skip = False
+    for reason, n in sorted((doc.get("real_data") or {}).get("skipped", {}).items()):
+        lines.append(f"- real data (training split): {reason}: {n}")
+        any_skip = True
     for e, rep in doc["engines"].items():
         for reason, n in sorted(rep["skipped"].items()):
             lines.append(f"- {e}: {reason}: {n}")
