@@ -120,6 +120,8 @@ def run(
     kfp_local.init(runner=kfp_local.SubprocessRunner(use_venv=False), pipeline_root=str(work / "outputs"),
                    enable_caching=cache, cache_root=str(work / "cache"))
     typer.echo(f"pipeline {module.PIPELINE_NAME} (local), MLflow {os.environ['MLFLOW_TRACKING_URI']}")
+    typer.echo(f"task cache {'on: ' + str(work / 'cache') if cache else 'off (--no-cache)'}; a task runs again when "
+               "its inputs or code changed; register, gate and deploy always run (they read the registry's state)")
     t0 = time.time()
     try:
         fn(**params)
