@@ -321,3 +321,13 @@ def test_gymnasium_make_defaults_and_check_env(demo_out, tmp_path, monkeypatch):
 
     text, n = to_charset("Temp 38.5 °C, Na⁺ 131 µmol/L ≥ ref, 発熱")
     assert env.observation_space.contains(text) and "°C" in text and "µmol" in text and n == 2
+
+
+def test_overrides_never_change_a_shared_config(cases):
+    from diaggym.env import EnvConfig
+
+    shared = EnvConfig(split="test")
+    env = DiagEnv(shared, cases=cases, max_turns=2)
+    assert env.cfg.max_turns == 2 and shared.max_turns == 12
+    with pytest.raises(TypeError, match="max_turn"):
+        DiagEnv(shared, cases=cases, max_turn=3)

@@ -16,6 +16,7 @@ Faults never raise out of ``step``: a simulator that fails after the client's bo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -170,11 +171,11 @@ class DiagEnv:
     def __init__(self, config: EnvConfig | None = None, *, cases: list[Case] | None = None,
                  backend: Backend | None = None, diagnosis_judge: Judge | None = None,
                  exam_judge: Judge | None = None, **overrides: Any) -> None:
-        cfg = config or EnvConfig()
-        for k, v in overrides.items():
-            if not hasattr(cfg, k):
-                raise TypeError(f"unknown environment option {k!r}")
-            setattr(cfg, k, v)
+        unknown = [k for k in overrides if k not in EnvConfig.__dataclass_fields__]
+        if unknown:
+            raise TypeError(f"unknown environment option(s) {unknown}")
+        # a copy: environments built from one shared config (one per concurrent episode) never change each other
+        cfg = dataclasses.replace(config or EnvConfig(), **overrides)
         self.cfg = cfg
         if cfg.result_source not in ("model", "record"):
             raise InputError(f"result_source must be 'model' or 'record', got {cfg.result_source!r}")
