@@ -27,8 +27,8 @@ def train_job(
     env = [
         {"name": "MLFLOW_TRACKING_URI",
          "valueFrom": {"configMapKeyRef": {"name": mlflow_config_map, "key": "MLFLOW_TRACKING_URI"}}},
-        *({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow_secret, "key": key}}}
-          for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
+        *({"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow_secret, "key": key, "optional": True}}}
+          for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")),
     ]
     return {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",

@@ -20,10 +20,12 @@ from components.diaggym_components import DEFAULT_IMAGE, make_components  # noqa
 PIPELINE_NAME = "diaggym-train-eval-promote"
 YAML_PATH = ROOT / "pipelines" / "diaggym_pipeline.yaml"
 CHECKPOINT_MOUNT = "/mnt/checkpoints"
-# Keys the train task reads from the MLflow Secret and ConfigMap (by reference: values never enter the spec).
-SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
-               "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"}
-CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
+# Keys the MLflow tasks read from the Secret and ConfigMap (by reference: values never enter the spec). The cluster's
+# MLflow server proxies artifacts (k8s/base/mlflow), so the tasks need its URI and, when it requires auth, its
+# credentials: the Secret is optional (a server without auth needs none), the ConfigMap is not.
+SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+               "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+CONFIG_KEYS = {"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"}
 # Tasks that talk to MLflow get the same references.
 MLFLOW_TASKS = ("train", "evaluate", "register", "gate", "deploy")
 
@@ -122,7 +124,7 @@ def build(image: str = DEFAULT_IMAGE, packages: list[str] | None = None):
                               namespace=serving_namespace, artifact_store=artifact_store).set_display_name("deploy")
             deploy.set_caching_options(False)
         for task in (train, ev, reg, gate, deploy):
-            kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env=SECRET_KEYS)
+            kubernetes.use_secret_as_env(task, secret_name=mlflow_secret, secret_key_to_env=SECRET_KEYS, optional=True)
             kubernetes.use_config_map_as_env(task, config_map_name=mlflow_config_map,
                                              config_map_key_to_env=CONFIG_KEYS)
 

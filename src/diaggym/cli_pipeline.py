@@ -176,6 +176,9 @@ def submit(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a parameter: KEY=VALUE (JSON).")] = None,
     experiment: Annotated[str, typer.Option(help="Kubeflow experiment.")] = "diaggym",
     version: Annotated[str | None, typer.Option(help="Pipeline version name (default: a timestamp).")] = None,
+    service_account: Annotated[
+        str, typer.Option(help="Service account of the run's pods (k8s/base/rbac.yaml: deploy may apply the ISVC).")
+    ] = "diaggym-pipeline",
 ) -> None:
     """Upload the compiled pipeline as a new version and start a run with the given parameters."""
     import tempfile
@@ -200,7 +203,8 @@ def submit(
             pv = client.upload_pipeline_version(str(package), pipeline_version_name=name, pipeline_id=pid)
             exp = client.create_experiment(experiment)
             run_ = client.run_pipeline(experiment_id=exp.experiment_id, job_name=f"{module.PIPELINE_NAME}-{name}",
-                                       params=params, pipeline_id=pid, version_id=pv.pipeline_version_id)
+                                       params=params, pipeline_id=pid, version_id=pv.pipeline_version_id,
+                                       service_account=service_account)
         except Exception as err:  # the kfp client raises many types; one line with the host
             _fail(f"Kubeflow Pipelines at {host}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
     typer.echo(f"started run {run_.run_id} of {module.PIPELINE_NAME} version {name} on {host}")
