@@ -324,6 +324,11 @@ def test_secrets_are_only_referenced_never_committed():
                     assert "value" not in e and "valueFrom" in e, f"{oid}: {e['name']} must come from a secret"
 
 
+def test_simulator_answers_to_the_reference_model_name():
+    (c,) = the("InferenceService")["spec"]["transformer"]["containers"]
+    assert _flag(c["args"], "--model-alias") == "EHRGenerator", "the reference rollout asks for model EHRGenerator"
+
+
 def test_api_token_is_a_required_secret_mounted_as_a_file():
     spec = the("InferenceService")["spec"]["transformer"]
     (c,) = spec["containers"]
@@ -457,7 +462,7 @@ def test_runtime_runs_vllm_openai_server():
     args = c["args"]
     assert _flag(args, "--model") == "/mnt/models"
     assert _flag(args, "--served-model-name") == "diaggym"
-    assert _flag(args, "--max-model-len") == "8192"
+    assert _flag(args, "--max-model-len") == "32768"  # Qwen2.5-7B: reference evaluations ask for 8192 new tokens
     assert _flag(args, "--dtype") == "bfloat16"
     assert "--enable-prefix-caching" in args
     port = int(_flag(args, "--port"))
