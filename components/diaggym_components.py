@@ -232,11 +232,28 @@ def deploy(
         print(f"no Kubernetes cluster configured ({type(err).__name__}); manifest written to {manifest.path}:\n{text}")
         return "written"
     from kubernetes import client, dynamic
+    from kubernetes.dynamic.exceptions import NotFoundError
 
     api = dynamic.DynamicClient(client.ApiClient()).resources.get(
         api_version="serving.kserve.io/v1beta1", kind="InferenceService")
-    api.server_side_apply(body=doc, namespace=namespace, field_manager="diaggym-deploy", force_conflicts=True)
-    print(f"applied InferenceService {doc['metadata']['name']} in {namespace}: {model_name} version {mv.version}")
+    name = doc["metadata"]["name"]
+    try:
+        api.get(name=name, namespace=namespace)
+    except NotFoundError:
+        # The pipeline's RBAC allows get/patch of this one object, not create: kustomize or Helm installs it.
+        raise RuntimeError(
+            f"InferenceService {name} not found in namespace {namespace}: install it with kustomize or Helm "
+            f"(k8s/README.md) before the deploy step points it at {model_name} version {mv.version}"
+        ) from None
+    # The installed InferenceService keeps its replicas, autoscaling and resources (set by the overlay or the
+    # chart): this step owns only the model location and the annotation that names the version.
+    body = {
+        "apiVersion": doc["apiVersion"], "kind": doc["kind"],
+        "metadata": {"name": name, "annotations": {"diaggym/registry-version": f"{model_name}/{mv.version}"}},
+        "spec": {"predictor": {"model": {"storageUri": doc["spec"]["predictor"]["model"]["storageUri"]}}},
+    }  # fmt: skip
+    api.server_side_apply(body=body, namespace=namespace, field_manager="diaggym-deploy", force_conflicts=True)
+    print(f"applied InferenceService {name} in {namespace}: {model_name} version {mv.version}")
     return "applied"
 
 
