@@ -34,15 +34,20 @@ class Browser:
                                    "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1",
                                    "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
                                    "--window-size=1200,1400", "about:blank"], tmp / "chromium.log").start()
-        port_file = self.profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
-        while not port_file.is_file() or not port_file.read_text().strip():
-            if time.monotonic() > deadline or self.proc.proc.poll() is not None:
-                raise RuntimeError(f"chromium did not start:\n{self.proc.log_tail()}")
-            time.sleep(0.2)
-        port = int(port_file.read_text().split()[0])
-        pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json() if t["type"] == "page"]
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        try:  # a browser that fails to come up is stopped here (the caller has no object to close)
+            port_file = self.profile / "DevToolsActivePort"
+            deadline = time.monotonic() + 60
+            while not port_file.is_file() or not port_file.read_text().strip():
+                if time.monotonic() > deadline or self.proc.proc.poll() is not None:
+                    raise RuntimeError(f"chromium did not start:\n{self.proc.log_tail()}")
+                time.sleep(0.2)
+            port = int(port_file.read_text().split()[0])
+            pages = [t for t in httpx.get(f"http://127.0.0.1:{port}/json/list", timeout=10).json()
+                     if t["type"] == "page"]
+            self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        except BaseException:
+            self.proc.stop()
+            raise
         self.n = 0
 
     def cmd(self, method, **params):
