@@ -138,3 +138,12 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_only_our_packages_are_installed():
+    """serving/vllm is a launcher for tests, not a package: installed, it would pose as vLLM to other libraries."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    where = [] if spec is None else [spec.origin, *(spec.submodule_search_locations or [])]
+    assert not [w for w in where if w and str(Path(w)).startswith(str(ROOT / "serving"))], where
