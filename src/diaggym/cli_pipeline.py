@@ -16,10 +16,9 @@ from typing import Annotated
 import typer
 
 from diaggym.errors import InputError
-from diaggym.resources import bundled
+from diaggym.resources import load_config
 
 ROOT = Path(__file__).resolve().parents[2]  # a checkout: pipelines/ and components/ are not part of the package
-PIPELINE_CONFIGS = bundled("configs", "pipeline")
 # Parameters that name cluster objects the tasks read by reference; empty means a pod that cannot start.
 REQUIRED_NAMES = ("mlflow_secret", "mlflow_config_map", "checkpoint_pvc")
 
@@ -46,15 +45,7 @@ def _params(config: str | None, sets: list[str]) -> dict:
     """Pipeline parameters from a configs/pipeline/*.json file (or path) and KEY=VALUE overrides (JSON values)."""
     params: dict = {}
     if config:
-        p = Path(config)
-        if not p.is_file():
-            p = PIPELINE_CONFIGS / f"{config}.json"
-            if not p.is_file():
-                raise InputError(f"no pipeline config {config!r} (a JSON file, or a name in {PIPELINE_CONFIGS})")
-        try:
-            params = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"not valid JSON ({err})", p) from None
+        _, params = load_config("pipeline", config, "pipeline config")
         params.pop("description", None)
     for s in sets:
         key, sep, value = s.partition("=")

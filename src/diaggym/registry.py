@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from diaggym.errors import InputError
-from diaggym.resources import bundled
+from diaggym.resources import load_config
 
 MODEL_NAME = "diaggym"
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-GATE_DIR = bundled("configs", "gate")
 # Figures of the training run the gate may use besides the evaluation table's (report.TABLE keys).
 TRAIN_METRICS = ("val_loss_after", "val_loss_before", "train_loss")
 OTHERS_TAG = "diaggym.eval.others"
@@ -258,15 +257,7 @@ class Policy:
 
 def load_policy(path_or_name: str | Path) -> Policy:
     """A gate policy from a JSON file or a name in ``configs/gate/``; unknown metrics or keys are input errors."""
-    p = Path(path_or_name)
-    if not p.is_file():
-        p = GATE_DIR / f"{path_or_name}.json"
-        if not p.is_file():
-            raise InputError(f"no gate policy {str(path_or_name)!r} (a JSON file, or a name in {GATE_DIR})")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"not valid JSON ({err})", p) from None
+    p, data = load_config("gate", path_or_name, "gate policy")
     unknown = set(data) - {"description", "always", "vs_champion", "first_model"}
     if unknown:
         raise InputError(f"unknown gate policy section(s) {', '.join(sorted(unknown))}", p)

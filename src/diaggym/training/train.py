@@ -22,10 +22,8 @@ from pathlib import Path
 
 from diaggym.cases import SEP, load_cases
 from diaggym.errors import InputError
-from diaggym.resources import bundled
+from diaggym.resources import load_config
 from diaggym.serialization import render_context
-
-CONFIG_DIR = bundled("configs")
 
 
 @dataclass
@@ -63,16 +61,7 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> TrainConfig:
-        p = Path(path)
-        if not p.is_file():
-            candidate = CONFIG_DIR / "train" / f"{path}.json"
-            if not candidate.is_file():
-                raise InputError(f"no training config {path!r} (a JSON file, or a preset in {CONFIG_DIR / 'train'})")
-            p = candidate
-        try:
-            data = json.loads(p.read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"not valid JSON ({err})", p) from None
+        p, data = load_config("train", path, "training config")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known - {"description"}
         if unknown:
