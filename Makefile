@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 WORK ?= work
 DEMO_RUN := $(WORK)/runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint install clean bench-preprocess system-deps vllm-venv checkov-venv
+.PHONY: demo test lint install clean bench-preprocess system-deps vllm-venv checkov-venv verl-interaction
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (DiagGym needs Python 3.11)"; exit 2; }
@@ -51,7 +51,14 @@ checkov-venv:
 	test -x .venv-checkov/bin/checkov || { $(PYTHON) -m venv .venv-checkov && \
 		.venv-checkov/bin/pip install --quiet 'checkov==3.3.30'; }
 
-test: $(STAMP) lint system-deps vllm-venv checkov-venv
+# verl's BaseInteraction (the verl adapter's base class) into .venv without its dependencies: only verl 0.7 ships
+# verl.interactions (0.8+ dropped it), and its declared deps (numpy<2, ray, wandb...) and newer verls' transformers
+# pin would break the world model's environment; the interaction API needs only the `verl` extra (pyproject.toml).
+verl-interaction: $(STAMP)
+	$(PY) -c "import verl.interactions.base" 2>/dev/null || { $(PY) -m pip install --quiet -e '.[verl]' && \
+		$(PY) -m pip install --quiet --no-deps 'verl==0.7.1'; }
+
+test: $(STAMP) lint system-deps vllm-venv checkov-venv verl-interaction
 	$(PY) -m pytest -q
 
 bench-preprocess: $(STAMP)
