@@ -129,6 +129,15 @@ def test_bad_turn_concurrency_and_cap(interaction_config):
         with pytest.raises(InputError, match="not-a-case"):
             await it.start_interaction("e", case_id="not-a-case")
         assert it.live == 2
+        # an episode dropped while its step runs: the step still answers, its environment is not reused meanwhile
+        x_env = it._live["c"]
+        task = asyncio.create_task(it.generate_response("c", [{"role": "assistant", "content": format_request(CBC)}]))
+        await asyncio.sleep(0)  # the task is now inside its worker-thread step
+        await it.start_interaction("f", case_id=b)
+        assert "c" not in it._live and it.counters["evicted"] == 2
+        assert x_env not in it._pool and all(e is not x_env for e in it._live.values())
+        done, obs, _, meta = await task
+        assert not done and "Hemoglobin" in obs and meta["case_id"] == a
 
     asyncio.run(run())
     it.close()

@@ -81,6 +81,7 @@ class DiagGymInteraction(BaseInteraction):
         self._pool: list[DiagEnv] = [self._first]
         self._live: OrderedDict[str, DiagEnv] = OrderedDict()
         self._scores: OrderedDict[str, float] = OrderedDict()
+        self._stepping: set[str] = set()  # instances with a step running in a worker thread
         self.counters = {"started": 0, "ended": 0, "evicted": 0, "finalized_open": 0, "unknown_instance": 0}
 
     # ------------------------------------------------------------------ pool
@@ -93,7 +94,8 @@ class DiagGymInteraction(BaseInteraction):
 
     def _release(self, instance_id: str) -> None:
         env = self._live.pop(instance_id, None)
-        if env is not None and len(self._pool) < self.max_live:
+        # an environment still stepping (its episode dropped meanwhile) is not reused: a reset would race the step
+        if env is not None and instance_id not in self._stepping and len(self._pool) < self.max_live:
             self._pool.append(env)
 
     @property
@@ -136,13 +138,18 @@ class DiagGymInteraction(BaseInteraction):
             return True, "The episode is over.", 0.0, {"error": f"no open episode {instance_id!r} (never "
                                                                 f"started, already ended, or dropped)"}
         text = next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "assistant"), "")
-        r = await asyncio.to_thread(env.step, text)
+        self._stepping.add(instance_id)
+        try:
+            r = await asyncio.to_thread(env.step, text)
+        finally:
+            self._stepping.discard(instance_id)
         done = r.terminated or r.truncated
         meta: dict[str, Any] = {k: r.info.get(k) for k in ("case_id", "turn", "end_reason")}
         last = r.info["log"][-1] if r.info.get("log") else {}
         meta.update({k: last[k] for k in ("exam", "source", "error") if k in last})
         if done:
             meta["reward_parts"] = r.info["reward_parts"]
+        if done and instance_id in self._live:  # (not when the episode was dropped during the step)
             self._scores[instance_id] = float(r.reward)
             while len(self._scores) > SCORES_KEPT:
                 self._scores.popitem(last=False)
