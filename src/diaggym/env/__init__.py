@@ -1,6 +1,6 @@
 """The RL environment: episodes against the simulator in the reference DiagAgent turn protocol.
 
-``DiagEnv`` is the core (no RL library needed); adapters for Gymnasium, TRL and OpenEnv live in
+``DiagEnv`` is the core (no RL library needed); adapters for Gymnasium, TRL, OpenEnv and verl live in
 ``diaggym.env.adapters`` and import their library only when used.  Names load lazily so that
 ``import diaggym`` (which registers ``DiagGym-v0``) stays cheap.
 """
