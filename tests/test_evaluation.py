@@ -99,6 +99,8 @@ def test_malformed_generations_are_counted_and_shown(setup, tmp_path, trained_ti
     }
     report = (tmp_path / "rep" / "report.md").read_text()
     assert f"- **barely trained**: {len(bad)} of 8 not well formed" in report
+    assert doc["cases"] == 2 < doc["split_cases"]  # the evaluated cases, not the whole split
+    assert report.startswith(f"# Evaluation — test split (2 of {doc['split_cases']} cases)")
     slim = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert "samples" not in slim["engines"]["barely trained"]  # generations live in their own file
 

@@ -163,7 +163,7 @@ def write_report(out: Path, doc: dict, real_values: dict) -> None:
     with atomic_file(out / "metrics.json") as fh:
         json.dump(slim, fh, indent=2, default=float)
     lines = [
-        f"# Evaluation — {doc['split']} split ({doc['cases']} cases)",
+        f"# Evaluation — {doc['split']} split ({doc['cases']} of {doc.get('split_cases', doc['cases'])} cases)",
         "",
         f"Embedding model: `{doc['embedding_model']}`. Candidate: `{doc['candidate']}`. "
         "Automatic scores stand in for the judged ones (definitions in `diaggym.evaluation.auto`). "

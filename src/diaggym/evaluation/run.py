@@ -410,7 +410,8 @@ def evaluate(
     doc: dict = {
         "schema": EVAL_SCHEMA,
         "split": split,
-        "cases": len(cases),
+        "cases": min(len(cases), settings.max_cases) if settings.max_cases else len(cases),  # evaluated
+        "split_cases": len(cases),
         "candidate": candidate,
         "embedding_model": embedder.name if embedder else None,
         "settings": settings.__dict__,
