@@ -53,10 +53,10 @@ checkov-venv:
 
 # verl's BaseInteraction (the verl adapter's base class) into .venv without its dependencies: only verl 0.7 ships
 # verl.interactions (0.8+ dropped it), and its declared deps (numpy<2, ray, wandb...) and newer verls' transformers
-# pin would break the world model's environment; the interaction API needs only the `verl` extra (pyproject.toml).
+# pin would break the world model's environment; the interaction API needs only the `verl` extra (pyproject.toml), which dev includes.
 verl-interaction: $(STAMP)
-	$(PY) -c "import verl.interactions.base" 2>/dev/null || { $(PY) -m pip install --quiet -e '.[verl]' && \
-		$(PY) -m pip install --quiet --no-deps 'verl==0.7.1'; }
+	$(PY) -c "import verl.interactions.base" 2>/dev/null || \
+		$(PY) -m pip install --quiet --no-deps 'verl==0.7.1'
 
 test: $(STAMP) lint system-deps vllm-venv checkov-venv verl-interaction
 	$(PY) -m pytest -q
