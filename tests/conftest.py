@@ -57,3 +57,18 @@ def trained_tiny(demo_out, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return Path(summary["final"])
+
+
+@pytest.fixture(scope="session")
+def marginal_simulator(demo_out, tmp_path_factory):
+    """``diaggym serve --engine marginal`` on the demo cases (127.0.0.1), shared by the RL adapter tests; its URL."""
+    from diaggym.testing import diaggym_serve
+
+    out, _ = demo_out
+    proc, url = diaggym_serve(["--engine", "marginal", "--cases", str(out)],
+                              tmp_path_factory.mktemp("serve") / "marginal.log")
+    try:
+        proc.wait_ready(f"{url}/v2/health/ready", timeout=120)
+        yield url
+    finally:
+        proc.stop()

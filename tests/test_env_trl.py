@@ -7,22 +7,14 @@ import pytest
 
 from diaggym.cases import load_cases
 from diaggym.env.core import EnvConfig
-from diaggym.testing import diaggym_serve
 
 pytestmark = pytest.mark.integration
 CBC = "Complete Blood Count (CBC)"
 
 
 @pytest.fixture(scope="module")
-def server(demo_out, tmp_path_factory):
-    out, _ = demo_out
-    proc, url = diaggym_serve(["--engine", "marginal", "--cases", str(out)],
-                              tmp_path_factory.mktemp("serve") / "trl.log")
-    try:
-        proc.wait_ready(f"{url}/v2/health/ready", timeout=120)
-        yield url
-    finally:
-        proc.stop()
+def server(marginal_simulator):
+    return marginal_simulator
 
 
 def test_tool_env_episode(server, demo_out):

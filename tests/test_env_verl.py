@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from diaggym.errors import InputError
-from diaggym.testing import diaggym_serve
 
 pytestmark = pytest.mark.integration
 CBC = "Complete Blood Count (CBC)"
@@ -19,15 +18,8 @@ SNIPPET = Path(__file__).resolve().parents[1] / "configs" / "verl" / "interactio
 
 
 @pytest.fixture(scope="module")
-def server(demo_out, tmp_path_factory):
-    out, _ = demo_out
-    proc, url = diaggym_serve(["--engine", "marginal", "--cases", str(out)],
-                              tmp_path_factory.mktemp("serve") / "verl.log")
-    try:
-        proc.wait_ready(f"{url}/v2/health/ready", timeout=120)
-        yield url
-    finally:
-        proc.stop()
+def server(marginal_simulator):
+    return marginal_simulator
 
 
 @pytest.fixture(scope="module")
