@@ -166,5 +166,8 @@ def test_sigterm_under_load_finishes_in_flight_and_cuts_nothing_off(upstream, tm
     assert not any(t.is_alive() for t in threads)
     assert marks["not_ready"] - marks["sent"] < 0.5  # not ready at once
     assert marks["closed"] - marks["sent"] >= 0.45  # then served through the drain
-    assert [t for t in results["ok"] if t > marks["closed"]]  # in flight when the listener closed: answered
+    # Requests sent just before SIGTERM take the upstream's 1.5 s, so they are in flight past the 0.5 s drain, when
+    # the listener closes: answered, not cut off.  (Measured from SIGTERM, not from when the watcher noticed the
+    # closed listener, which a loaded machine can delay past the last answer.)
+    assert [t for t in results["ok"] if t > marks["sent"] + 0.5]
     assert len(results["ok"]) >= 32
