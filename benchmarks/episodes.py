@@ -3,16 +3,18 @@
 Each episode: the rule-based agent (4 exams, then a diagnosis) in a DiagEnv over HTTP (`:predict`); one
 thread per concurrent episode, each with its own environment.  Failed episodes (the simulator failing after the
 client's retries) are counted.  Target (transformers engine, tiny model): 32 concurrent ≥ 5× the episodes/s of
-one at a time, 0 failed.
+one at a time, 0 failed.  The levels run ``--repeat`` times, interleaved (1, 8, 32, 1, 8, 32, ...), so that a slow
+spell of a shared machine hits every level alike; the speed-up is the ratio of the per-level medians.
 
     python benchmarks/episodes.py --engine marginal --cases work/demo/mimic-iv
-    python benchmarks/episodes.py --engine transformers --model RUN/final --cases work/demo/mimic-iv --max-tokens 128
+    python benchmarks/episodes.py --engine transformers --model RUN/final --cases work/demo/mimic-iv --max-tokens 256
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import threading
 import time
@@ -68,13 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--episodes", type=int, default=64, help="episodes per level (at least the concurrency)")
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="the server's --batch-wait-ms (default: its own)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds over the levels, interleaved")
     p.add_argument("--out", default=None, help="JSON record (default benchmarks/results/episodes-ENGINE.json)")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     cases = load_cases(args.cases)
-    serve_args = ["--engine", args.engine, "--cases", args.cases, "--batch-wait-ms", str(args.batch_wait_ms),
-                  "--max-batch", str(max(levels))]
+    serve_args = ["--engine", args.engine, "--cases", args.cases, "--max-batch", str(max(levels))]
+    if args.batch_wait_ms is not None:
+        serve_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
     if args.model:
         serve_args += ["--model", args.model]
     log = Path("work") / "bench-episodes-server.log"
@@ -83,18 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proc.wait_ready(f"{url}/v2/health/ready", timeout=600)
         run_level(url, cases, 1, 2, args.max_tokens)  # warm-up (not recorded)
-        for c in levels:
-            r = run_level(url, cases, c, max(args.episodes, c), args.max_tokens)
-            print(json.dumps(r), flush=True)
-            results.append(r)
+        for rep in range(args.repeat):
+            for c in levels:
+                r = {"round": rep, **run_level(url, cases, c, max(args.episodes, c), args.max_tokens)}
+                print(json.dumps(r), flush=True)
+                results.append(r)
     finally:
         proc.stop()
-    base = results[0]["episodes_per_s"]
+    median = {c: statistics.median(r["episodes_per_s"] for r in results if r["concurrency"] == c) for c in levels}
     record = {
         "benchmark": "episodes", "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "engine": args.engine, "model": args.model, "max_tokens": args.max_tokens, "levels": results,
-        "speedup_vs_1": {str(r["concurrency"]): round(r["episodes_per_s"] / base, 2) for r in results},
+        "median_episodes_per_s": {str(c): round(v, 3) for c, v in median.items()},
+        "speedup_vs_1": {str(c): round(v / median[levels[0]], 2) for c, v in median.items()},
         "failed_total": sum(r["failed"] for r in results),
     }
     out = Path(args.out or f"benchmarks/results/episodes-{args.engine}.json")

@@ -186,6 +186,47 @@ def test_tiny_top_p_is_greedy_and_temperature_zero_ignores_seed(scrambled, mixed
     assert e.generate([p], SamplingParams(max_tokens=24, temperature=0.0, seed=123))[0].text == greedy
 
 
+def test_sampling_draws_from_the_tempered_distribution_with_and_without_a_nucleus(tiny):
+    """``_sample`` over fixed logits: empirical frequencies of 6 000 seeded draws against softmax(logits / T),
+    for whole-vocabulary rows (no sort) and nucleus rows (sorted, renormalised over the top set)."""
+    from diaggym.engines.hf import _Row
+
+    e = engine(tiny, prefix_cache_tokens=0)
+    vocab = len(e.tokenizer)
+    logits = torch.full((vocab,), -30.0)
+    logits[[7, 11, 13, 17]] = torch.tensor([2.0, 1.0, 0.5, -0.5])
+    n = 6000
+    draws = torch.rand(n, 1, generator=torch.Generator().manual_seed(0))
+
+    def frequencies(temperature: float, top_p: float | None) -> torch.Tensor:
+        rows = [_Row(index=i, ids=[1], params=SamplingParams(temperature=temperature, top_p=top_p), seed=i,
+                     uniforms=draws[i]) for i in range(n)]
+        tokens = e._sample(logits.expand(n, vocab), rows)
+        return torch.bincount(torch.tensor(tokens), minlength=vocab).float() / n
+
+    for temperature in (1.0, 0.7):
+        want = (logits / temperature).softmax(-1)
+        got = frequencies(temperature, None)
+        assert (got - want).abs().max() < 0.025  # 4 standard deviations at n = 6 000
+        assert got.sum() == pytest.approx(1.0) and set(got.nonzero().flatten().tolist()) <= {7, 11, 13, 17}
+    probs = logits.softmax(-1)  # T = 1: token 7 holds 0.57, 7 + 11 hold 0.78
+    got = frequencies(1.0, 0.7)
+    want = torch.zeros(vocab)
+    want[[7, 11]] = probs[[7, 11]] / probs[[7, 11]].sum()
+    assert (got - want).abs().max() < 0.025 and got[[13, 17]].sum() == 0
+
+
+def test_stop_check_skips_only_tokens_that_cannot_end_a_stop(tiny):
+    e = engine(tiny, prefix_cache_tokens=0)
+    texts = e.tokenizer.batch_decode([[i] for i in range(len(e.tokenizer))], skip_special_tokens=False)
+    flagged = [i for i in range(len(texts)) if e._may_complete_stop(i, (SEP,))]
+    assert flagged == [i for i, t in enumerate(texts) if SEP[-1] in t]
+    assert 0 < len(flagged) < len(texts)
+    assert all(e._may_complete_stop(i, (SEP, "\n\n")) for i, t in enumerate(texts) if "\n" in t)
+    other = next(i for i in range(len(texts)) if i not in flagged)
+    assert not e._may_complete_stop(other, (SEP,)) and e._may_complete_stop(other, ("é",))  # non-ASCII: no filter
+
+
 # --------------------------------------------------------------------------- prefix reuse
 def _own_output_chain(e: TransformersEngine, case, steps: int) -> list:
     context = render_context(case.profile, case.final_diagnosis)

@@ -3,9 +3,10 @@
 RL jobs send many small requests at once (one per live episode).  How they should reach
 the engine depends on the engine:
 
-* ``batch`` (the in-process transformers engine): requests that arrive within a few
-  milliseconds are merged into one ``generate`` call, run on one worker thread (the model
-  is not thread-safe and one batched call is far cheaper than many single ones);
+* ``batch`` (the in-process transformers engine): concurrent requests are merged into one
+  ``generate`` call, run on one worker thread (the model is not thread-safe and one batched
+  call is far cheaper than many single ones); see :meth:`EngineRunner._loop` for how long it
+  waits to gather them;
 * ``async`` (the openai engine): each request is one coroutine of the engine's async client
   on the event loop; the remote server (vLLM) batches by itself, and a cancelled request
   (deadline, client gone) closes its upstream connection at once;
@@ -39,7 +40,7 @@ class _Job:
 class EngineRunner:
     """``await runner.generate(prompts, params)`` from any number of concurrent requests."""
 
-    def __init__(self, engine: Engine, mode: str = "batch", max_batch: int = 32, max_wait_ms: float = 5.0) -> None:
+    def __init__(self, engine: Engine, mode: str = "batch", max_batch: int = 32, max_wait_ms: float = 200.0) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown dispatch mode {mode!r}; choose one of: {', '.join(MODES)}")
         if max_batch < 1 or max_wait_ms < 0:
@@ -92,13 +93,22 @@ class EngineRunner:
         return out
 
     async def _loop(self) -> None:
+        """Gather a batch: wait (at most ``max_wait``) for as many prompts as the previous batch had, then take
+        whatever else is already queued (up to ``max_batch``).
+
+        RL clients move in lockstep: every live episode sends its next request once the previous batch has
+        answered, but they arrive spread over tens of milliseconds.  A fixed window either splits them (the
+        stragglers then wait a whole batch and the episodes drift apart for good) or makes a lone client wait
+        for nothing; expecting the previous batch's size does neither.  A lone client's request runs at once.
+        """
         assert self._queue is not None
         loop = asyncio.get_running_loop()
+        expect = 1
         while True:
             jobs = [await self._queue.get()]
             size = len(jobs[0].prompts)
             deadline = loop.time() + self.max_wait
-            while size < self.max_batch:
+            while size < min(expect, self.max_batch):
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -108,9 +118,14 @@ class EngineRunner:
                     break
                 jobs.append(job)
                 size += len(job.prompts)
+            while size < self.max_batch and not self._queue.empty():
+                job = self._queue.get_nowait()
+                jobs.append(job)
+                size += len(job.prompts)
             self._queued -= size
             metrics.QUEUE_DEPTH.set(self._queued)
             jobs = [j for j in jobs if not j.future.cancelled()]  # their clients gave up (timeout, disconnect)
+            expect = max(1, sum(len(j.prompts) for j in jobs))
             if jobs:
                 await self._run(jobs)
 

@@ -59,7 +59,7 @@ class DiagGymModel(kserve.Model):
         exam_kinds: dict[str, str] | None = None,
         cases: dict[str, Case] | None = None,
         max_batch: int = 32,
-        batch_wait_ms: float = 5.0,
+        batch_wait_ms: float = 200.0,
         aliases: tuple[str, ...] = (),
     ) -> None:
         super().__init__(name)

@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="Seconds a request body may stall before the answer is 408.")
     p.add_argument("--max-batch", type=int, default=32, help="Most prompts per engine call (transformers engine).")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="How long to gather a micro-batch.")
+    p.add_argument("--batch-wait-ms", type=float, default=200.0,
+                   help="Longest wait for as many requests as the previous engine call had (a lone client never "
+                   "waits; see serving/README.md).")
     p.add_argument("--api-token-env", default="DIAGGYM_API_TOKEN",
                    help="Environment variable holding the bearer token (unset or empty = no auth).")
     p.add_argument("--api-token-file", "--token-file", dest="api_token_file",

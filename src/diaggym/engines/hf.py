@@ -137,6 +137,7 @@ class TransformersEngine(Engine):
         self._seeds = random.SystemRandom()
         self._buffer_layer, self._packed_layer = cache_layers()
         self._stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completions": 0}
+        self._stop_tokens: dict[frozenset[str], set[int]] = {}  # last characters of stops -> tokens holding one
 
     # ------------------------------------------------------------------ public
     @property
@@ -378,25 +379,40 @@ class TransformersEngine(Engine):
         return logits
 
     def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
-        """One token per row: argmax for greedy rows, seeded top-p inverse-CDF sampling for the others."""
+        """One token per row: argmax for greedy rows, seeded inverse-CDF sampling for the others.
+
+        Each sampled row draws one uniform ``u`` from its own generator and takes the first token whose
+        cumulative probability exceeds ``u``.  Rows with ``top_p < 1`` accumulate over the tokens sorted
+        by probability and keep the smallest top set reaching ``top_p``; rows without a nucleus accumulate
+        in vocabulary order (the same distribution; the sort over the whole vocabulary per row and token
+        cost more than the model's forward at batch 32 on CPU).
+        """
         import torch
 
         logits = logits.float()
         tokens = logits.argmax(dim=-1)
-        pick = [i for i, row in enumerate(rows) if row.seed is not None and not row.done]
-        if pick:
+        live = [i for i, row in enumerate(rows) if row.seed is not None and not row.done]
+        nucleus = [i for i in live if (rows[i].params.top_p or 1.0) < 1.0]
+        whole = [i for i in live if (rows[i].params.top_p or 1.0) >= 1.0]
+        for pick, sort in ((nucleus, True), (whole, False)):
+            if not pick:
+                continue
             idx = torch.tensor(pick, dtype=torch.long, device=logits.device)
             temps = torch.tensor([rows[i].params.temperature for i in pick], device=logits.device)
-            top_p = torch.tensor([rows[i].params.top_p or 1.0 for i in pick], device=logits.device)
             u = torch.stack([rows[i].uniforms[len(rows[i].gen)] for i in pick])
-            sorted_logits, order = (logits.index_select(0, idx) / temps[:, None]).sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            cum = probs.cumsum(dim=-1)
-            probs = probs.masked_fill(cum - probs >= top_p[:, None], 0.0)  # nucleus: keep the top mass >= top_p
+            scaled = logits.index_select(0, idx) / temps[:, None]
+            if sort:
+                top_p = torch.tensor([rows[i].params.top_p for i in pick], device=logits.device)
+                scaled, order = scaled.sort(dim=-1, descending=True)
+                probs = scaled.softmax(dim=-1)
+                cum = probs.cumsum(dim=-1)
+                probs = probs.masked_fill(cum - probs >= top_p[:, None], 0.0)  # nucleus: the top mass >= top_p
+            else:
+                probs = scaled.softmax(dim=-1)
             cum = probs.cumsum(dim=-1)
             choice = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True)
             choice = choice.clamp(max=cum.shape[-1] - 1)
-            tokens[idx] = order.gather(1, choice)[:, 0]
+            tokens[idx] = (order.gather(1, choice) if sort else choice)[:, 0]
         return tokens.tolist()
 
     def _finished(self, row: _Row) -> bool:
@@ -405,13 +421,31 @@ class TransformersEngine(Engine):
             row.hit_eos = True
             return True
         stops = row.params.stop
-        if stops:
+        if stops and self._may_complete_stop(tok, stops):
             window = 4 * max(len(s) for s in stops) + 2
             tail = self.tokenizer.decode(row.gen[-window:], skip_special_tokens=False)
             if any(s in tail for s in stops):
                 row.hit_stop = True
                 return True
         return len(row.gen) >= row.params.max_tokens
+
+    def _may_complete_stop(self, token: int, stops: tuple[str, ...] | list[str]) -> bool:
+        """Whether ``token`` can complete one of ``stops``: its text holds some stop's last character.
+
+        A stop found after this token ends inside it, so that character is in the token.  Only ASCII last
+        characters are filtered this way (a multi-byte character may be split across tokens); the table is
+        built once per set of last characters, and spares a tail decode per row and token.
+        """
+        if not all(stops):
+            return True
+        last = frozenset(s[-1] for s in stops)
+        if any(ord(c) > 127 for c in last):
+            return True
+        table = self._stop_tokens.get(last)
+        if table is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))], skip_special_tokens=False)
+            table = self._stop_tokens[last] = {i for i, t in enumerate(texts) if any(c in t for c in last)}
+        return token in table
 
     def _keep(self, row: _Row, layers: list, bpos: int) -> None:
         """Put prompt + generated tokens of a finished row in the prefix cache (only its new tokens are copied).
