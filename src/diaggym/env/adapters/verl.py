@@ -7,8 +7,9 @@ verl's tool agent loop calls ``start_interaction(request_id, **interaction_kwarg
 after each model turn ``generate_response(request_id, messages, **interaction_kwargs)`` with the whole
 conversation; the last assistant message is the agent's turn.  The returned text goes back to the model as the
 next user message; the score lands in verl's ``turn_scores`` (0 until the last turn, then the episode reward;
-its parts are in the metadata).  The prompt itself comes from the dataset: :func:`dataset_rows` builds rows whose
-prompt is the environment's agent view.
+its parts are in the metadata); verl trains on it through the reward function
+:func:`diaggym.env.adapters.verl_reward.compute_score` (the snippet's ``reward:`` block).  The prompt itself comes
+from the dataset: :func:`dataset_rows` builds rows whose prompt is the environment's agent view.
 
 verl never calls ``finalize_interaction`` and abandons episodes it cuts short (response length, its own turn
 caps) without a word, so the interaction cleans up itself: an episode's state is dropped the moment it ends,
