@@ -70,15 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--episodes", type=int, default=64, help="episodes per level (at least the concurrency)")
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--batch-wait-ms", type=float, default=None, help="the server's --batch-wait-ms (default: its own)")
     p.add_argument("--repeat", type=int, default=3, help="rounds over the levels, interleaved")
     p.add_argument("--out", default=None, help="JSON record (default benchmarks/results/episodes-ENGINE.json)")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
     cases = load_cases(args.cases)
     serve_args = ["--engine", args.engine, "--cases", args.cases, "--max-batch", str(max(levels))]
-    if args.batch_wait_ms is not None:
-        serve_args += ["--batch-wait-ms", str(args.batch_wait_ms)]
     if args.model:
         serve_args += ["--model", args.model]
     log = Path("work") / "bench-episodes-server.log"

@@ -1,7 +1,7 @@
-"""How the server's engine runner gathers concurrent requests into engine calls (``EngineRunner`` in batch mode).
+"""The server's engine runner with continuous batching: requests join the batch being decoded and leave it when
+their own rows are done (``EngineRunner`` in batch mode over the transformers engine's ``run_feed``).
 
-A real marginal engine; the engine calls are observed by wrapping its ``generate`` (the runner calls it on its
-worker thread).  Timings use wide margins: the waits under test are 1 s, the work microseconds.
+A tiny randomly initialised model: it never stops early, so ``max_tokens`` sets each request's length exactly.
 """
 
 from __future__ import annotations
@@ -12,87 +12,85 @@ import time
 import pytest
 
 from diaggym.cases import load_cases
-from diaggym.engines import SamplingParams, make_engine
+from diaggym.engines import EngineError, SamplingParams
+from diaggym.engines.hf import TransformersEngine
+from diaggym.model.base import init_base
 from diaggym.serialization import render_context, render_prompt
-
-WAIT_MS = 1000.0
 
 
 @pytest.fixture(scope="module")
-def prompt(demo_out) -> str:
+def setup(demo_out, tmp_path_factory):
     out, _ = demo_out
-    case = load_cases(out / "cases.jsonl", split="test")[0]
-    return render_prompt(render_context(case.profile, case.final_diagnosis), [], "Complete Blood Count (CBC)")
+    cases = load_cases(out / "cases.jsonl")
+    model = tmp_path_factory.mktemp("batcher") / "tiny"
+    init_base([c for c in cases if c.split == "train"], model, "tiny", seed=0)
+    test = [c for c in cases if c.split in ("val", "test")][:4]
+    prompts = [render_prompt(render_context(c.profile, c.final_diagnosis), [], e)
+               for c in test for e in ("Complete Blood Count (CBC)", "Lactate")]
+    return model, prompts
 
 
-@pytest.fixture
-def runner(demo_out):
+def _runner(model, **kw):
     from diaggym_serving.batcher import EngineRunner
 
-    out, _ = demo_out
-    engine = make_engine("marginal", cases=load_cases(out / "cases.jsonl", split="train"))
-    calls: list[int] = []
-    generate = engine.generate
-
-    def observed(prompts, params):
-        calls.append(len(prompts))
-        return generate(prompts, params)
-
-    engine.generate = observed  # type: ignore[method-assign]
-    r = EngineRunner(engine, "batch", max_batch=8, max_wait_ms=WAIT_MS)
-    r.calls = calls  # type: ignore[attr-defined]
-    return r
+    return EngineRunner(TransformersEngine(model, max_batch_size=8, **kw), "batch")
 
 
-async def _one(runner, prompt: str, delay: float = 0.0) -> float:
-    await asyncio.sleep(delay)
-    start = time.monotonic()
-    await runner.generate([prompt], [SamplingParams(max_tokens=16, seed=1)])
-    return time.monotonic() - start
+def test_requests_join_the_running_batch_and_leave_when_done(setup):
+    """A long request decodes; short ones sent after it started are answered long before it ends, and every text
+    equals what the engine writes for that prompt and seed alone."""
+    model, prompts = setup
+    long = SamplingParams(max_tokens=500, temperature=1.0, seed=7)
+    shorts = [SamplingParams(max_tokens=4 + i, temperature=1.0 if i % 2 else 0.0, seed=i) for i in range(6)]
+    runner = _runner(model)
 
-
-def test_a_lone_request_runs_at_once(runner, prompt):
     async def run():
+        done: dict[str, float] = {}
+
+        async def one(name, prompt, params, delay=0.0):
+            await asyncio.sleep(delay)
+            out = await runner.generate([prompt], [params])
+            done[name] = time.monotonic()
+            return out[0]
+
         try:
-            return [await _one(runner, prompt) for _ in range(3)]
+            first = asyncio.create_task(one("long", prompts[0], long))
+            await asyncio.sleep(0.3)  # the long one is decoding
+            others = await asyncio.gather(*(one(f"s{i}", prompts[1 + i], p, delay=0.02 * i)
+                                            for i, p in enumerate(shorts)))
+            return await first, others, done
         finally:
             await runner.close()
 
-    waits = asyncio.run(run())
-    assert runner.calls == [1, 1, 1]
-    assert max(waits) < WAIT_MS / 1000 / 2  # never the gathering wait
+    first, others, done = asyncio.run(run())
+    assert first.completion_tokens == 500 and first.finish_reason == "length"
+    assert [c.completion_tokens for c in others] == [p.max_tokens for p in shorts]
+    assert max(done[f"s{i}"] for i in range(len(shorts))) < done["long"]
+    alone = TransformersEngine(model, max_batch_size=8)
+    assert first.text == alone.generate([prompts[0]], [long])[0].text
+    for i, (c, p) in enumerate(zip(others, shorts, strict=True)):
+        assert c.text == alone.generate([prompts[1 + i]], [p])[0].text
 
 
-def test_lockstep_clients_arriving_spread_out_stay_in_one_batch(runner, prompt):
-    """After a batch of 6, six requests arriving over 300 ms (well inside the wait) make one engine call."""
+def test_a_prompt_that_cannot_run_fails_alone(setup):
+    model, prompts = setup
+    runner = _runner(model)
+    limit = runner.engine.max_positions
+    too_long = prompts[0] + " filler" * limit
 
     async def run():
         try:
-            await asyncio.gather(*(_one(runner, prompt) for _ in range(6)))
-            await asyncio.gather(*(_one(runner, prompt) for _ in range(6)))
-            first = list(runner.calls)
-            await asyncio.gather(*(_one(runner, prompt, delay=0.05 * i) for i in range(6)))
-            return first
+            return await asyncio.gather(
+                runner.generate([prompts[1]], [SamplingParams(max_tokens=30, temperature=0.0)]),
+                runner.generate([too_long], [SamplingParams(max_tokens=30, temperature=0.0)]),
+                runner.generate([prompts[2], too_long], [SamplingParams(max_tokens=5, temperature=0.0)] * 2),
+                return_exceptions=True,
+            )
         finally:
             await runner.close()
 
-    first = asyncio.run(run())
-    assert sum(first) == 12 and first[-1] == 6  # the runner now expects 6
-    assert runner.calls[len(first):] == [6]
-
-
-def test_fewer_clients_than_last_time_wait_at_most_the_limit(runner, prompt):
-    async def run():
-        try:
-            await asyncio.gather(*(_one(runner, prompt) for _ in range(4)))
-            await asyncio.gather(*(_one(runner, prompt) for _ in range(4)))  # now the runner expects 4
-            n = len(runner.calls)
-            start = time.monotonic()
-            await asyncio.gather(*(_one(runner, prompt) for _ in range(2)))
-            return n, time.monotonic() - start
-        finally:
-            await runner.close()
-
-    n, took = asyncio.run(run())
-    assert runner.calls[n - 1] == 4 and runner.calls[n:] == [2]
-    assert WAIT_MS / 1000 * 0.9 <= took < WAIT_MS / 1000 * 3
+    ok, bad, mixed = asyncio.run(run())
+    assert ok[0].completion_tokens == 30
+    assert isinstance(bad, EngineError) and bad.reason == "prompt_too_long"
+    assert isinstance(mixed, EngineError) and mixed.reason == "prompt_too_long"  # a request fails as a whole
+    assert runner.broken() is None

@@ -55,7 +55,7 @@ def model_server(trained_tiny, demo_out, tmp_path_factory):
     out, _ = demo_out
     log = tmp_path_factory.mktemp("serve") / "transformers.log"
     proc, url = diaggym_serve(
-        ["--engine", "transformers", "--model", str(trained_tiny), "--cases", str(out), "--batch-wait-ms", "50"], log
+        ["--engine", "transformers", "--model", str(trained_tiny), "--cases", str(out)], log
     )
     try:
         proc.wait_ready(f"{url}/v2/health/ready", timeout=180)
@@ -255,7 +255,9 @@ def test_trained_model_serves_predict_and_openai(model_server, demo_cases):
     assert a.choices[0].text == b.choices[0].text and a.usage.prompt_tokens > 50
 
 
-def test_concurrent_requests_are_batched_and_prefix_cached(model_server, demo_cases):
+def test_concurrent_requests_reach_the_engine_and_are_prefix_cached(model_server, demo_cases):
+    """8 concurrent requests through HTTP into the continuously batching engine (how requests join a running
+    batch is tested deterministically in test_batcher.py)."""
     case = max(demo_cases, key=lambda c: len(c.exams))
     events = case_events(case)
     before = _metrics(model_server)
@@ -275,7 +277,7 @@ def test_concurrent_requests_are_batched_and_prefix_cached(model_server, demo_ca
     after = _metrics(model_server)
     calls = _sample(after, "diaggym_engine_batch_size_count") - _sample(before, "diaggym_engine_batch_size_count")
     prompts = _sample(after, "diaggym_engine_batch_size_sum") - _sample(before, "diaggym_engine_batch_size_sum")
-    assert prompts == 8 and calls < 8  # 8 concurrent requests, fewer engine calls
+    assert prompts == 8 and 1 <= calls <= 8  # every prompt was taken by the engine, in at most 8 takes
     hits = _sample(after, "diaggym_prefix_cache_hit_tokens_total") - _sample(
         before, "diaggym_prefix_cache_hit_tokens_total"
     )

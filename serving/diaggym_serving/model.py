@@ -58,13 +58,11 @@ class DiagGymModel(kserve.Model):
         limits: Limits | None = None,
         exam_kinds: dict[str, str] | None = None,
         cases: dict[str, Case] | None = None,
-        max_batch: int = 32,
-        batch_wait_ms: float = 200.0,
         aliases: tuple[str, ...] = (),
     ) -> None:
         super().__init__(name)
         self.engine = engine
-        self.runner = EngineRunner(engine, dispatch, max_batch=max_batch, max_wait_ms=batch_wait_ms)
+        self.runner = EngineRunner(engine, dispatch)
         self.limits = limits or Limits()
         self.simulator = Simulator(engine, exam_kinds)
         self.cases = cases or {}

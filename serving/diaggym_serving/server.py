@@ -74,10 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Seconds a connection may take to send a request's headers before it is closed.")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="Seconds a request body may stall before the answer is 408.")
-    p.add_argument("--max-batch", type=int, default=32, help="Most prompts per engine call (transformers engine).")
-    p.add_argument("--batch-wait-ms", type=float, default=200.0,
-                   help="Longest wait for as many requests as the previous engine call had (a lone client never "
-                   "waits; see serving/README.md).")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="Most prompts decoded together (transformers engine; requests join a running batch).")
     p.add_argument("--api-token-env", default="DIAGGYM_API_TOKEN",
                    help="Environment variable holding the bearer token (unset or empty = no auth).")
     p.add_argument("--api-token-file", "--token-file", dest="api_token_file",
@@ -140,7 +138,7 @@ def build_model(args: argparse.Namespace):
                     max_queue=args.max_queue, ready_recheck_s=args.ready_recheck_s)
     model = DiagGymModel(
         args.model_name, engine, dispatch=DISPATCH[engine_kind], limits=limits, exam_kinds=kinds,
-        cases={c.case_id: c for c in cases}, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+        cases={c.case_id: c for c in cases},
         aliases=tuple(args.model_alias),
     )
     model.registry = registry_info  # named by /v1/models/NAME (None when not served from the registry)

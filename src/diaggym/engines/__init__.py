@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diaggym.engines.base import Completion, Engine, EngineError, SamplingParams, cut_at_stop
+from diaggym.engines.base import Completion, Engine, EngineError, Feed, FeedItem, SamplingParams, cut_at_stop
 from diaggym.errors import InputError
 
 ENGINES = ("transformers", "openai", "normal", "marginal", "median")
 
-__all__ = ["ENGINES", "Completion", "Engine", "EngineError", "SamplingParams", "cut_at_stop", "make_engine"]
+__all__ = [
+    "ENGINES", "Completion", "Engine", "EngineError", "Feed", "FeedItem", "SamplingParams", "cut_at_stop", "make_engine"
+]
 
 
 def make_engine(

@@ -23,14 +23,40 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from diaggym.cases import SEP
 from diaggym.text_rules import cut_at_stop  # noqa: F401 - re-exported: the engines cut their text with it
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class FeedItem:
+    """One prompt waiting for an engine that batches continuously (see :class:`Feed`).
+
+    ``deliver`` receives the completion, or the exception that failed this prompt alone; it is called
+    from the engine's thread.  ``cancelled`` says the caller gave up (the item is then dropped untaken).
+    """
+
+    prompt: str
+    params: SamplingParams
+    deliver: Callable[[Completion | BaseException], None]
+    cancelled: Callable[[], bool] = lambda: False
+
+
+class Feed(Protocol):
+    """Where an engine that batches continuously (``run_feed``) takes its prompts from."""
+
+    def take(self, n: int, block: bool) -> list[FeedItem]:
+        """Up to ``n`` items; with ``block``, wait for at least one (an empty list then means: closed)."""
+        ...
+
+    def waiting(self) -> int:
+        """How many items are queued now."""
+        ...
 
 
 class EngineError(RuntimeError):

@@ -20,13 +20,23 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diaggym.engines.base import Completion, Engine, EngineError, FinishReason, SamplingParams, cut_at_stop
+from diaggym.engines.base import (
+    Completion,
+    Engine,
+    EngineError,
+    Feed,
+    FeedItem,
+    FinishReason,
+    SamplingParams,
+    cut_at_stop,
+)
 from diaggym.engines.hf_attention import (
     ATTENTION_PLAN,
     ATTN_IMPLEMENTATION,
@@ -43,6 +53,9 @@ log = logging.getLogger(__name__)
 _DTYPES = ("float32", "bfloat16", "float16")
 # Compact the decode batch when at least this fraction of its rows has finished.
 COMPACT_FRACTION = 0.25
+# Admitting prompts into a running batch rebuilds its KV buffers (a copy of every live row), so a feed's
+# prompts join when a quarter of the batch (or every free row) is waiting, else after this many steps.
+ADMIT_EVERY = 16
 
 # --------------------------------------------------------------------------- per-request state
 @dataclass
@@ -58,6 +71,35 @@ class _Row:
     hit_eos: bool = False
     hit_stop: bool = False
     start: int = 0  # first column of this row in the decode buffer (left padding before it)
+    deliver: Callable[[Completion | BaseException], None] | None = None  # a feed's caller, told when it finishes
+    completion: Completion | None = None
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded: right-aligned in per-layer KV buffers that all end at one column."""
+
+    rows: list[_Row]  # batch position -> row
+    layers: list  # BufferLayer per model layer
+    cache: Any  # a transformers Cache over ``layers``
+    positions: Any  # [B] position of each row's next token
+    mask: Any  # [B, capacity] 1 from each row's first column (the padded decode reads it)
+    logits: Any  # [B, vocab] next-token logits
+
+    def compact(self, live: list[int]) -> None:
+        """Keep only the ``live`` batch positions and drop the leading columns none of them uses."""
+        import torch
+
+        keep = torch.tensor(live, dtype=torch.long, device=self.positions.device)
+        first = min(self.rows[b].start for b in live)
+        for layer in self.layers:
+            layer.select(keep, first)
+        self.mask = self.mask[:, first:].index_select(0, keep)
+        self.positions = self.positions.index_select(0, keep)
+        self.logits = self.logits.index_select(0, keep)
+        self.rows = [self.rows[b] for b in live]
+        for row in self.rows:
+            row.start -= first
 
 
 class TransformersEngine(Engine):
@@ -138,6 +180,7 @@ class TransformersEngine(Engine):
         self._buffer_layer, self._packed_layer = cache_layers()
         self._stats = {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completions": 0}
         self._stop_tokens: dict[frozenset[str], set[int]] = {}  # last characters of stops -> tokens holding one
+        self._admit_at = max(1, int(COMPACT_FRACTION * max_batch_size))  # see run_feed
 
     # ------------------------------------------------------------------ public
     @property
@@ -164,15 +207,7 @@ class TransformersEngine(Engine):
 
         encoded = self.tokenizer(prompts)["input_ids"]
         for i, (ids, p) in enumerate(zip(encoded, params, strict=True)):
-            if not ids:
-                raise EngineError(f"prompt {i} is empty after tokenization", reason="bad_request")
-            if self.max_positions is not None and len(ids) > self.max_positions - p.max_tokens:
-                raise EngineError(
-                    f"prompt {i} has {len(ids)} tokens; with max_tokens={p.max_tokens} the model's "
-                    f"max_position_embeddings={self.max_positions} allows at most "
-                    f"{self.max_positions - p.max_tokens} prompt tokens",
-                    reason="prompt_too_long",
-                )
+            self._check(f"prompt {i}", ids, p)
         out: list[Completion | None] = [None] * len(prompts)
         with self._lock, torch.inference_mode():
             for lo in range(0, len(prompts), self.max_batch_size):
@@ -180,9 +215,66 @@ class TransformersEngine(Engine):
                     _Row(index=i, ids=list(encoded[i]), params=params[i], seed=self._seed(params[i]))
                     for i in range(lo, min(lo + self.max_batch_size, len(prompts)))
                 ]
-                for row, completion in zip(rows, self._run_batch(rows), strict=True):
-                    out[row.index] = completion
+                self._decode(rows)
+                for row in rows:
+                    out[row.index] = row.completion
         return out  # type: ignore[return-value]
+
+    def run_feed(self, feed: Feed) -> None:
+        """Serve ``feed`` until it closes, batching continuously (what the server runs on its engine thread).
+
+        Prompts that arrive while a batch decodes join it at the next admission (when as many wait as a
+        quarter of ``max_batch_size`` or as there are free rows, or :data:`ADMIT_EVERY` steps passed), and each
+        prompt is delivered the moment it finishes: RL clients get their result and send their next
+        request without waiting for the slowest row of a batch.  A prompt that cannot run (empty, too
+        long) fails alone; an engine failure fails the prompts in flight with it, and the next ones run.
+        """
+        import torch
+
+        while True:
+            items = feed.take(self.max_batch_size, block=True)
+            if not items:
+                return
+            rows = self._rows(items)
+            admitted = list(rows)
+            if not rows:
+                continue
+            with self._lock, torch.inference_mode():
+                try:
+                    self._decode(rows, feed, admitted)
+                except Exception as err:  # noqa: BLE001 - delivered to the callers in flight
+                    log.exception("engine batch failed")
+                    failure = EngineError(f"engine failed: {type(err).__name__}: {err}", reason="engine_crash")
+                    for row in admitted:
+                        if row.completion is None and row.deliver is not None:
+                            row.deliver(failure)
+
+    def _rows(self, items: list[FeedItem]) -> list[_Row]:
+        """Rows for the feed's items that still want an answer; an item that cannot run gets its error now."""
+        items = [it for it in items if not it.cancelled()]
+        if not items:
+            return []
+        encoded = self.tokenizer([it.prompt for it in items])["input_ids"]
+        rows = []
+        for i, (it, ids) in enumerate(zip(items, encoded, strict=True)):
+            try:
+                self._check("the prompt", ids, it.params)
+            except EngineError as err:
+                it.deliver(err)
+                continue
+            rows.append(_Row(index=i, ids=list(ids), params=it.params, seed=self._seed(it.params), deliver=it.deliver))
+        return rows
+
+    def _check(self, what: str, ids: list[int], p: SamplingParams) -> None:
+        if not ids:
+            raise EngineError(f"{what} is empty after tokenization", reason="bad_request")
+        if self.max_positions is not None and len(ids) > self.max_positions - p.max_tokens:
+            raise EngineError(
+                f"{what} has {len(ids)} tokens; with max_tokens={p.max_tokens} the model's "
+                f"max_position_embeddings={self.max_positions} allows at most "
+                f"{self.max_positions - p.max_tokens} prompt tokens",
+                reason="prompt_too_long",
+            )
 
     def _seed(self, p: SamplingParams) -> int | None:
         if p.temperature == 0:
@@ -198,114 +290,160 @@ class TransformersEngine(Engine):
         dtype = next(self.model.parameters()).dtype
         return cfg.num_hidden_layers, kv_heads, head_dim, dtype
 
-    def _run_batch(self, rows: list[_Row]) -> list[Completion]:
+    def _decode(self, rows: list[_Row], feed: Feed | None = None, admitted: list[_Row] | None = None) -> None:
+        """Generate for ``rows`` (each gets ``completion``); with a ``feed``, admit its prompts on the way."""
         import torch
-        from transformers.cache_utils import Cache
 
-        dev = self.device
-        # 1. one right-aligned KV buffer per layer, preallocated for the longest prompt + the most new tokens
-        b = len(rows)
-        width = max(len(r.ids) for r in rows)
-        cap = width + max(r.params.max_tokens for r in rows)
-        n_layers, kv_heads, head_dim, dtype = self._kv_shape()
-        bufs = [
-            (
-                torch.empty((b, kv_heads, cap, head_dim), dtype=dtype, device=dev),
-                torch.empty((b, kv_heads, cap, head_dim), dtype=dtype, device=dev),
-            )
-            for _ in range(n_layers)
-        ]
-        mask = torch.ones((b, cap), dtype=torch.long, device=dev)
-        # 2. the cached prefix of every row is copied into its part of the buffer (the only copy of the
-        #    history); a row whose prompt repeats an earlier row's waits for that row's prefill
-        row_views: list[KV] = []
-        first_of: dict[tuple[int, ...], int] = {}
-        copies: list[tuple[int, int]] = []
-        for r, row in enumerate(rows):
-            row.start = width - len(row.ids)
-            mask[r, : row.start] = 0
-            for k, v in bufs:
-                k[r, :, : row.start] = 0  # finite values under the mask (torch.empty could hold NaN)
-                v[r, :, : row.start] = 0
-            row_views.append([(k[r : r + 1, :, row.start :], v[r : r + 1, :, row.start :]) for k, v in bufs])
-            key = tuple(row.ids)
-            if self.cache.enabled and key in first_of:
-                copies.append((r, first_of[key]))
-                row.cached = len(row.ids) - 1  # nothing is computed for it; the last token counts as new
-                continue
-            first_of[key] = r
-            ids = np.asarray(row.ids, dtype=np.int64)
-            path = self.cache.lookup(ids)
-            # at least one token must run through the model to give the next-token logits
-            row.cached = min(sum(n for _, n in path), len(ids) - 1)
-            if row.cached > 0:
-                self.cache.copy_into(path, row.cached, row_views[r])
-        # 3. the new suffixes of all rows, packed into as few forwards as the chunk size allows
-        todo = [r for r in range(b) if r not in dict(copies)]
-        last_logits = self._prefill_packed(rows, todo, row_views)
-        for r, src in copies:
-            for (k, v), (sk, sv) in zip(row_views[r], row_views[src], strict=True):
-                k[:, :, : len(rows[r].ids)] = sk[:, :, : len(rows[src].ids)]
-                v[:, :, : len(rows[r].ids)] = sv[:, :, : len(rows[src].ids)]
-            last_logits[r] = last_logits[src]
-        for r in todo:
-            n = len(rows[r].ids)
-            self.cache.insert(
-                np.asarray(rows[r].ids, dtype=np.int64), [(k[:, :, :n], v[:, :, :n]) for k, v in row_views[r]]
-            )
-        del row_views
-        for row in rows:
-            if row.seed is not None:
-                g = torch.Generator(device=dev).manual_seed(row.seed)
-                row.uniforms = torch.rand(row.params.max_tokens, generator=g, device=dev, dtype=torch.float32)
-        layers = [self._buffer_layer(k, v, width) for k, v in bufs]
-        del bufs
-        cache = Cache(layers=layers)
-        positions = torch.tensor([len(r.ids) for r in rows], dtype=torch.long, device=dev)
-        logits = torch.stack([last_logits[r] for r in range(b)])
-        active = list(range(b))  # batch position -> row
-        # 4. decode: sample, check stops, forward the live batch one token
+        batch = self._place(None, [], rows)
+        since = 0  # decode steps since the batch was last rebuilt
         while True:
-            tokens = self._sample(logits, [rows[r] for r in active])
-            for bpos, r in enumerate(active):
-                row = rows[r]
+            since += 1
+            if feed is not None and admitted is not None:
+                live = [b for b, row in enumerate(batch.rows) if not row.done]
+                free = self.max_batch_size - len(live)
+                waiting = feed.waiting()
+                if free > 0 and waiting and (waiting >= min(free, self._admit_at) or since >= ADMIT_EVERY):
+                    new = self._rows(feed.take(free, block=False))
+                    if new:
+                        admitted.extend(new)
+                        batch = self._place(batch, live, new)
+                        since = 0
+            # sample, check stops; a finished row is cached and delivered at once
+            tokens = self._sample(batch.logits, batch.rows)
+            for bpos, row in enumerate(batch.rows):
                 if row.done:
                     continue
                 row.gen.append(tokens[bpos])
                 if self._finished(row):
                     row.done = True
-                    self._keep(row, layers, bpos)
-            live = [bpos for bpos, r in enumerate(active) if not rows[r].done]
+                    self._keep(row, batch.layers, bpos)
+                    row.completion = self._completion(row)
+                    if row.deliver is not None:
+                        row.deliver(row.completion)
+            live = [bpos for bpos, row in enumerate(batch.rows) if not row.done]
             if not live:
-                break
-            if len(active) - len(live) >= max(1, COMPACT_FRACTION * len(active)):
-                keep = torch.tensor(live, dtype=torch.long, device=dev)
-                first = min(rows[active[bpos]].start for bpos in live)
-                for layer in layers:
-                    layer.select(keep, first)
-                mask = mask[:, first:].index_select(0, keep)
-                positions = positions.index_select(0, keep)
+                if feed is not None and admitted is not None and feed.waiting():
+                    new = self._rows(feed.take(self.max_batch_size, block=False))
+                    if new:
+                        admitted.extend(new)
+                        batch = self._place(None, [], new)
+                        continue
+                return
+            if len(batch.rows) - len(live) >= max(1, COMPACT_FRACTION * len(batch.rows)):
+                batch.compact(live)
+                since = 0
                 tokens = [tokens[bpos] for bpos in live]
-                active = [active[bpos] for bpos in live]
-                for r in active:
-                    rows[r].start -= first
-            length = layers[0].length
-            plan = AttentionPlan("ragged", starts=[rows[r].start for r in active]) if self.ragged_decode else None
+            # forward the live batch one token
+            length = batch.layers[0].length
+            plan = AttentionPlan("ragged", starts=[row.start for row in batch.rows]) if self.ragged_decode else None
             token = ATTENTION_PLAN.set(plan)
             try:
                 out = self.model(
-                    input_ids=torch.tensor(tokens, dtype=torch.long, device=dev)[:, None],
-                    attention_mask=None if plan is not None else mask[:, : length + 1],
-                    position_ids=positions[:, None],
-                    past_key_values=cache,
+                    input_ids=torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None],
+                    attention_mask=None if plan is not None else batch.mask[:, : length + 1],
+                    position_ids=batch.positions[:, None],
+                    past_key_values=batch.cache,
                     use_cache=True,
                     logits_to_keep=1,
                 )
             finally:
                 ATTENTION_PLAN.reset(token)
-            logits = out.logits[:, -1, :]
-            positions = positions + 1
-        return [self._completion(row) for row in rows]
+            batch.logits = out.logits[:, -1, :]
+            batch.positions = batch.positions + 1
+
+    def _place(self, old: _Batch | None, live: list[int], new: list[_Row]) -> _Batch:
+        """A decode batch of ``old``'s ``live`` rows plus the ``new`` rows, prefilled.
+
+        One right-aligned KV buffer per layer, preallocated for the longest row and the most tokens any
+        row may still add; the live rows' columns are copied over (shifted right when a new prompt is
+        longer), the new rows get their cached prefix and their prefilled suffix.
+        """
+        import torch
+        from transformers.cache_utils import Cache
+
+        dev = self.device
+        n_layers, kv_heads, head_dim, dtype = self._kv_shape()
+        keep = [old.rows[b] for b in live] if old is not None else []
+        first = min((row.start for row in keep), default=0)
+        used = old.layers[0].length - first if old is not None else 0
+        width = max([used] + [len(row.ids) for row in new])
+        rows = keep + new
+        cap = width + max(row.params.max_tokens - len(row.gen) for row in rows) + 1
+        bufs = [
+            (
+                torch.zeros((len(rows), kv_heads, cap, head_dim), dtype=dtype, device=dev),
+                torch.zeros((len(rows), kv_heads, cap, head_dim), dtype=dtype, device=dev),
+            )
+            for _ in range(n_layers)
+        ]
+        logits = []
+        if keep:
+            assert old is not None
+            idx = torch.tensor(live, dtype=torch.long, device=dev)
+            for (k, v), layer in zip(bufs, old.layers, strict=True):
+                k[: len(keep), :, width - used : width] = layer.buf_k[:, :, first : first + used].index_select(0, idx)
+                v[: len(keep), :, width - used : width] = layer.buf_v[:, :, first : first + used].index_select(0, idx)
+            for row in keep:
+                row.start += width - used - first
+            logits.append(old.logits.index_select(0, idx))
+        for row in new:
+            row.start = width - len(row.ids)
+        logits.append(torch.stack(self._prefill_rows(new, bufs, len(keep))))
+        mask = torch.zeros((len(rows), cap), dtype=torch.long, device=dev)
+        for b, row in enumerate(rows):
+            mask[b, row.start :] = 1
+        layers = [self._buffer_layer(k, v, width) for k, v in bufs]
+        return _Batch(
+            rows=rows,
+            layers=layers,
+            cache=Cache(layers=layers),
+            positions=torch.tensor([len(r.ids) + len(r.gen) for r in rows], dtype=torch.long, device=dev),
+            mask=mask,
+            logits=torch.cat(logits),
+        )
+
+    def _prefill_rows(self, rows: list[_Row], bufs: list, offset: int) -> list[Any]:
+        """Copy each row's cached prefix into its buffer row (``offset`` + its index), prefill the rest;
+        the logits after each row's last prompt token.  A row whose prompt repeats an earlier row's
+        waits for that row's prefill and copies it."""
+        import torch
+
+        row_views: list[KV] = []
+        first_of: dict[tuple[int, ...], int] = {}
+        copies: list[tuple[int, int]] = []
+        for j, row in enumerate(rows):
+            r = offset + j
+            row_views.append([(k[r : r + 1, :, row.start :], v[r : r + 1, :, row.start :]) for k, v in bufs])
+            key = tuple(row.ids)
+            if self.cache.enabled and key in first_of:
+                copies.append((j, first_of[key]))
+                row.cached = len(row.ids) - 1  # nothing is computed for it; the last token counts as new
+                continue
+            first_of[key] = j
+            ids = np.asarray(row.ids, dtype=np.int64)
+            path = self.cache.lookup(ids)
+            # at least one token must run through the model to give the next-token logits
+            row.cached = min(sum(n for _, n in path), len(ids) - 1)
+            if row.cached > 0:
+                self.cache.copy_into(path, row.cached, row_views[j])
+        copied = dict(copies)
+        todo = [j for j in range(len(rows)) if j not in copied]
+        last_logits = self._prefill_packed(rows, todo, row_views)
+        for j, src in copies:
+            for (k, v), (sk, sv) in zip(row_views[j], row_views[src], strict=True):
+                k[:, :, : len(rows[j].ids)] = sk[:, :, : len(rows[src].ids)]
+                v[:, :, : len(rows[j].ids)] = sv[:, :, : len(rows[src].ids)]
+            last_logits[j] = last_logits[src]
+        for j in todo:
+            n = len(rows[j].ids)
+            self.cache.insert(
+                np.asarray(rows[j].ids, dtype=np.int64), [(k[:, :, :n], v[:, :, :n]) for k, v in row_views[j]]
+            )
+        for row in rows:
+            if row.seed is not None:
+                g = torch.Generator(device=self.device).manual_seed(row.seed)
+                row.uniforms = torch.rand(row.params.max_tokens, generator=g, device=self.device, dtype=torch.float32)
+        return [last_logits[j] for j in range(len(rows))]
 
     def _prefill_packed(self, rows: list[_Row], todo: list[int], row_views: list[KV]) -> dict[int, Any]:
         """Run the uncached suffix of every row in ``todo``; {row: logits after its last prompt token}.
