@@ -4,7 +4,8 @@ Each episode: the rule-based agent (4 exams, then a diagnosis) in a DiagEnv over
 thread per concurrent episode, each with its own environment.  Failed episodes (the simulator failing after the
 client's retries) are counted.  Target (transformers engine, tiny model): 32 concurrent ≥ 5× the episodes/s of
 one at a time, 0 failed.  The levels run ``--repeat`` times, interleaved (1, 8, 32, 1, 8, 32, ...), so that a slow
-spell of a shared machine hits every level alike; the speed-up is the ratio of the per-level medians.
+spell of a shared machine hits every level alike; the speed-up is the ratio of the per-level medians.  Each
+level runs at least ``--waves`` episodes per client back to back: throughput of a steady stream of episodes.
 
     python benchmarks/episodes.py --engine marginal --cases work/demo/mimic-iv
     python benchmarks/episodes.py --engine transformers --model RUN/final --cases work/demo/mimic-iv --max-tokens 256
@@ -68,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint folder (transformers engine)")
     p.add_argument("--cases", required=True, help="preprocess output folder")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--episodes", type=int, default=64, help="episodes per level (at least the concurrency)")
+    p.add_argument("--episodes", type=int, default=16, help="episodes per level (at least --waves x the concurrency)")
+    p.add_argument("--waves", type=int, default=3,
+                   help="each client runs at least this many episodes back to back, so a level measures a steady "
+                   "stream of episodes (as an RL job runs them) rather than the start and the tail of one wave")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3, help="rounds over the levels, interleaved")
     p.add_argument("--out", default=None, help="JSON record (default benchmarks/results/episodes-ENGINE.json)")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         run_level(url, cases, 1, 2, args.max_tokens)  # warm-up (not recorded)
         for rep in range(args.repeat):
             for c in levels:
-                r = {"round": rep, **run_level(url, cases, c, max(args.episodes, c), args.max_tokens)}
+                r = {"round": rep, **run_level(url, cases, c, max(args.episodes, args.waves * c), args.max_tokens)}
                 print(json.dumps(r), flush=True)
                 results.append(r)
     finally:
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "episodes", "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "engine": args.engine, "model": args.model, "max_tokens": args.max_tokens, "levels": results,
+        "engine": args.engine, "model": args.model, "max_tokens": args.max_tokens, "waves": args.waves,
+        "levels": results,
         "median_episodes_per_s": {str(c): round(v, 3) for c, v in median.items()},
         "speedup_vs_1": {str(c): round(v / median[levels[0]], 2) for c, v in median.items()},
         "failed_total": sum(r["failed"] for r in results),

@@ -60,6 +60,15 @@ def trained_tiny(demo_out, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_cases(demo_out) -> list:
+    """Every case of the bundled demo (all splits), loaded once; tests must not modify them (copy first)."""
+    from diaggym.cases import load_cases
+
+    out, _ = demo_out
+    return list(load_cases(out / "cases.jsonl"))
+
+
+@pytest.fixture(scope="session")
 def marginal_simulator(demo_out, tmp_path_factory):
     """``diaggym serve --engine marginal`` on the demo cases (127.0.0.1), shared by the RL adapter tests; its URL."""
     from diaggym.testing import diaggym_serve

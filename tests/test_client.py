@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from diaggym.cases import load_cases
 from diaggym.client import AsyncSimulatorClient, ClientError, SimulatorClient
 from diaggym.env import DiagEnv, format_diagnosis, format_request
 from diaggym.env.judges import LLMJudge
@@ -24,9 +23,8 @@ CBC = "Complete Blood Count (CBC)"
 
 
 @pytest.fixture(scope="module")
-def cases(demo_out):
-    out, _ = demo_out
-    return load_cases(out / "cases.jsonl")
+def cases(demo_cases):
+    return demo_cases
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,8 @@ CBC = "Complete Blood Count (CBC)"
 
 
 @pytest.fixture(scope="module")
-def cases(demo_out):
-    out, _ = demo_out
-    return load_cases(out / "cases.jsonl")
+def cases(demo_cases):
+    return demo_cases
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from diaggym.cases import load_cases
 from diaggym.env.core import DiagEnv
 from diaggym.rl.demo import DemoConfig, LinearPolicy, abnormal_analytes, run_demo, t_interval
 
 
 @pytest.fixture(scope="module")
-def cases(demo_out):
-    out, _ = demo_out
-    return load_cases(out / "cases.jsonl")
+def cases(demo_cases):
+    return demo_cases
 
 
 def test_abnormal_analytes_and_interval():

@@ -27,12 +27,6 @@ CBC = "Complete Blood Count (CBC)"
 
 
 @pytest.fixture(scope="module")
-def demo_cases(demo_out):
-    out, _ = demo_out
-    return list(load_cases(out / "cases.jsonl"))
-
-
-@pytest.fixture(scope="module")
 def marginal_server(demo_out, tmp_path_factory):
     """The server with the marginal engine, the demo cases and bearer-token auth."""
     out, _ = demo_out

@@ -25,6 +25,15 @@ from diaggym.errors import InputError
 
 SCHEMA = "diaggym.case/1"
 SEP = "<SEP>"
+# The reference appends this literal to every training text: Qwen2.5's end-of-document token.  A
+# Qwen2.5-*Instruct* tokenizer's ``eos_token`` is ``<|im_end|>``, so the tokenizer's EOS is not used blindly.
+END_OF_TEXT = "<|endoftext|>"
+# The format's control strings: inside case text they would end a result, or the case, early.
+MARKERS = (SEP, END_OF_TEXT)
+
+
+def _marker_in(text: str) -> str | None:
+    return next((m for m in MARKERS if m in text), None)
 ExamKind = Literal["physical", "lab", "microbiology", "radiology", "other"]
 Split = Literal["train", "val", "test"]
 
@@ -59,8 +68,8 @@ class LabItem(_Strict):
         field = info.field_name
         if not v or "\n" in v or "\r" in v or v != v.strip():
             raise ValueError(f"{field} must be one non-empty line without surrounding whitespace")
-        if SEP in v:
-            raise ValueError(f"{field} must not contain {SEP}")
+        if marker := _marker_in(v):
+            raise ValueError(f"{field} must not contain {marker}")
         if field == "name" and (": " in v or v in LAB_KEYS):
             raise ValueError("name must not contain ': ' or be a lab key")
         if field in ("value", "unit", "flag") and (_KEY_RE.search(v) or v.startswith(_KEY_PREFIXES)):
@@ -94,8 +103,8 @@ class Exam(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if "\n" in v or SEP in v or v != v.strip():
-            raise ValueError("exam name must be one stripped line without <SEP>")
+        if "\n" in v or _marker_in(v) or v != v.strip():
+            raise ValueError(f"exam name must be one stripped line without {' or '.join(MARKERS)}")
         return v
 
     @field_validator("result")
@@ -103,8 +112,8 @@ class Exam(_Strict):
     def _result(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if SEP in v:
-            raise ValueError(f"result must not contain {SEP}")
+        if marker := _marker_in(v):
+            raise ValueError(f"result must not contain {marker}")
         if not v.strip() or v != v.strip():
             raise ValueError("result must be non-empty and stripped")
         return v
@@ -132,6 +141,13 @@ class Profile(_Strict):
     social_history: str | None = None
     family_history: str | None = None
 
+    @field_validator("*")
+    @classmethod
+    def _no_markers(cls, v, info):
+        if isinstance(v, str) and (marker := _marker_in(v)):
+            raise ValueError(f"profile {info.field_name} must not contain {marker}")
+        return v
+
 
 class Case(_Strict):
     """A whole encounter; see docs/architecture.md, contract 1."""
@@ -156,8 +172,8 @@ class Case(_Strict):
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"exam {dup!r} occurs twice (keep the first occurrence only)")
-        if SEP in self.final_diagnosis:
-            raise ValueError(f"final_diagnosis must not contain {SEP}")
+        if marker := _marker_in(self.final_diagnosis):
+            raise ValueError(f"final_diagnosis must not contain {marker}")
         return self
 
     def to_dict(self) -> dict:

@@ -154,6 +154,17 @@ class _Base:
     def _delay(self, attempt: int) -> float:
         return self.backoff * (2**attempt) * (0.5 + random.random() / 2)
 
+    def _outcome(self, call: _Call, start: float, attempt: int, answer: httpx.Response | httpx.HTTPError
+                 ) -> list[ClientResult] | float:
+        """One attempt (0-based) judged: its results, or the seconds to wait before the next attempt; raises the
+        typed error when it cannot be retried or no attempt is left.  Shared by the sync and async clients."""
+        if isinstance(answer, httpx.Response) and answer.status_code == 200:
+            return self._parse(call, answer, time.perf_counter() - start, attempt + 1)
+        err = self._classify(answer) if isinstance(answer, httpx.Response) else self._transport(answer)
+        if not err.retryable or attempt == self.retries:
+            raise err
+        return self._delay(attempt)
+
 
 class SimulatorClient(_Base):
     """Synchronous client (one pooled ``httpx.Client``)."""
@@ -178,15 +189,13 @@ class SimulatorClient(_Base):
         start = time.perf_counter()
         for attempt in range(self.retries + 1):
             try:
-                r = self._http.post(call.path, json=call.body)
-                if r.status_code == 200:
-                    return self._parse(call, r, time.perf_counter() - start, attempt + 1)
-                err = self._classify(r)
+                answer: httpx.Response | httpx.HTTPError = self._http.post(call.path, json=call.body)
             except httpx.HTTPError as e:
-                err = self._transport(e)
-            if not err.retryable or attempt == self.retries:
-                raise err
-            time.sleep(self._delay(attempt))
+                answer = e
+            out = self._outcome(call, start, attempt, answer)
+            if isinstance(out, list):
+                return out
+            time.sleep(out)
         raise AssertionError("unreachable")
 
     def ready(self) -> bool:
@@ -230,15 +239,13 @@ class AsyncSimulatorClient(_Base):
         start = time.perf_counter()
         for attempt in range(self.retries + 1):
             try:
-                r = await self._http.post(call.path, json=call.body)
-                if r.status_code == 200:
-                    return self._parse(call, r, time.perf_counter() - start, attempt + 1)
-                err = self._classify(r)
+                answer: httpx.Response | httpx.HTTPError = await self._http.post(call.path, json=call.body)
             except httpx.HTTPError as e:
-                err = self._transport(e)
-            if not err.retryable or attempt == self.retries:
-                raise err
-            await asyncio.sleep(self._delay(attempt))
+                answer = e
+            out = self._outcome(call, start, attempt, answer)
+            if isinstance(out, list):
+                return out
+            await asyncio.sleep(out)
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:

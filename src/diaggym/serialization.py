@@ -32,14 +32,11 @@ from decimal import Decimal
 
 from pydantic import ValidationError
 
-from diaggym.cases import SEP, Case, Exam, LabItem, Profile
+from diaggym.cases import END_OF_TEXT, SEP, Case, Exam, LabItem, Profile
 from diaggym.text_rules import LAB_KEY_ALTERNATION, LAB_KEY_PREFIXES, cut_at_stop
 
 FORMAT = "diaggym-v1"
 EXAMS_HEADER = "The following summarizes the results from the patient's medical examination:\n"
-# The reference appends this literal to every training text: Qwen2.5's end-of-document token.  A
-# Qwen2.5-*Instruct* tokenizer's ``eos_token`` is ``<|im_end|>``, so the tokenizer's EOS is not used blindly.
-END_OF_TEXT = "<|endoftext|>"
 # Where generation ends: after one result (``<SEP>``) or at the end of the case.
 STOP_STRINGS: tuple[str, ...] = (SEP, END_OF_TEXT)
 
