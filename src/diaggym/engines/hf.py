@@ -291,7 +291,10 @@ class TransformersEngine(Engine):
         return cfg.num_hidden_layers, kv_heads, head_dim, dtype
 
     def _decode(self, rows: list[_Row], feed: Feed | None = None, admitted: list[_Row] | None = None) -> None:
-        """Generate for ``rows`` (each gets ``completion``); with a ``feed``, admit its prompts on the way."""
+        """Generate for ``rows`` (each gets ``completion``); with a ``feed``, admit its prompts on the way.
+
+        ``admitted`` is kept as the rows in flight (the ones an engine failure must be reported to).
+        """
         import torch
 
         batch = self._place(None, [], rows)
@@ -305,7 +308,7 @@ class TransformersEngine(Engine):
                 if free > 0 and waiting and (waiting >= min(free, self._admit_at) or since >= ADMIT_EVERY):
                     new = self._rows(feed.take(free, block=False))
                     if new:
-                        admitted.extend(new)
+                        admitted[:] = [r for r in admitted if r.completion is None] + new  # the ones in flight
                         batch = self._place(batch, live, new)
                         since = 0
             # sample, check stops; a finished row is cached and delivered at once
@@ -325,7 +328,7 @@ class TransformersEngine(Engine):
                 if feed is not None and admitted is not None and feed.waiting():
                     new = self._rows(feed.take(self.max_batch_size, block=False))
                     if new:
-                        admitted.extend(new)
+                        admitted[:] = new
                         batch = self._place(None, [], new)
                         continue
                 return
