@@ -36,13 +36,18 @@ def _runner(model, **kw):
     return EngineRunner(TransformersEngine(model, max_batch_size=8, **kw), "batch")
 
 
+# Exact text equality with a prompt decoded alone needs per-row attention (the default masked call over the
+# padded batch agrees up to float rounding, see docs/transformers-engine.md).
+EXACT = {"ragged_decode": True}
+
+
 def test_requests_join_the_running_batch_and_leave_when_done(setup):
     """A long request decodes; short ones sent after it started are answered long before it ends, and every text
     equals what the engine writes for that prompt and seed alone."""
     model, prompts = setup
     long = SamplingParams(max_tokens=500, temperature=1.0, seed=7)
     shorts = [SamplingParams(max_tokens=4 + i, temperature=1.0 if i % 2 else 0.0, seed=i) for i in range(6)]
-    runner = _runner(model)
+    runner = _runner(model, **EXACT)
 
     async def run():
         done: dict[str, float] = {}
@@ -66,7 +71,7 @@ def test_requests_join_the_running_batch_and_leave_when_done(setup):
     assert first.completion_tokens == 500 and first.finish_reason == "length"
     assert [c.completion_tokens for c in others] == [p.max_tokens for p in shorts]
     assert max(done[f"s{i}"] for i in range(len(shorts))) < done["long"]
-    alone = TransformersEngine(model, max_batch_size=8)
+    alone = TransformersEngine(model, max_batch_size=8, **EXACT)
     assert first.text == alone.generate([prompts[0]], [long])[0].text
     for i, (c, p) in enumerate(zip(others, shorts, strict=True)):
         assert c.text == alone.generate([prompts[1 + i]], [p])[0].text
@@ -94,3 +99,58 @@ def test_a_prompt_that_cannot_run_fails_alone(setup):
     assert isinstance(bad, EngineError) and bad.reason == "prompt_too_long"
     assert isinstance(mixed, EngineError) and mixed.reason == "prompt_too_long"  # a request fails as a whole
     assert runner.broken() is None
+
+
+# ---------------------------------------------------------------------------------------------- engine process
+def test_engine_process_answers_like_the_engine_and_fails_in_flight_prompts_when_it_dies(setup):
+    """The server's default: the engine in a child process, behind the same runner."""
+    import os
+    import signal
+
+    from diaggym_serving.batcher import EngineRunner
+    from diaggym_serving.engine_process import EngineProcess
+
+    model, prompts = setup
+    greedy = [SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=7, temperature=0.0)]
+    remote = EngineProcess({"model_dir": str(model), "max_batch_size": 8, **EXACT})
+    try:
+        local = TransformersEngine(model, max_batch_size=8, **EXACT)
+        assert remote.max_positions == local.max_positions
+        want = [c.text for c in local.generate(prompts[:2], greedy)]
+        assert [c.text for c in remote.generate(prompts[:2], greedy)] == want  # the Engine interface
+        runner = EngineRunner(remote, "batch")
+
+        async def run():
+            pairs = zip(prompts[:2], greedy, strict=True)
+            first = await asyncio.gather(*(runner.generate([p], [sp]) for p, sp in pairs))
+            long = asyncio.create_task(runner.generate([prompts[2]], [SamplingParams(max_tokens=4000)]))
+            await asyncio.sleep(1.0)
+            os.kill(remote._child.pid, signal.SIGKILL)  # the engine dies mid-decode
+            lost = None
+            try:
+                await asyncio.wait_for(long, 30)
+            except EngineError as err:
+                lost = err
+            after = await asyncio.gather(runner.generate([prompts[0]], [greedy[0]]), return_exceptions=True)
+            for _ in range(100):  # the engine thread stops right after answering that request
+                if runner.broken() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            return first, lost, after[0], runner.broken()
+
+        first, lost, after, broken = asyncio.run(run())
+        assert [c[0].text for c in first] == want
+        assert lost is not None and lost.reason == "engine_crash" and "exited" in str(lost)
+        assert isinstance(after, EngineError) and after.reason == "engine_crash"
+        assert broken is not None
+    finally:
+        remote.close()
+
+
+def test_engine_process_names_a_model_it_cannot_load(tmp_path):
+    from diaggym_serving.engine_process import EngineProcess
+
+    from diaggym.errors import InputError
+
+    with pytest.raises(InputError, match="could not load the model: InputError: .*not a Hugging Face model folder"):
+        EngineProcess({"model_dir": str(tmp_path)})

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Seconds a connection may take to send a request's headers before it is closed.")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="Seconds a request body may stall before the answer is 408.")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="Run the transformers engine in its own process (default), so its decode loop and the "
+                   "HTTP server do not take turns on one interpreter lock.")
     p.add_argument("--max-batch", type=int, default=32,
                    help="Most prompts decoded together (transformers engine; requests join a running batch).")
     p.add_argument("--api-token-env", default="DIAGGYM_API_TOKEN",
@@ -128,8 +131,14 @@ def build_model(args: argparse.Namespace):
         engine = make_engine("openai", url=url, served_model=args.served_model, timeout=args.request_timeout,
                              api_key=os.environ.get("DIAGGYM_PREDICTOR_API_KEY"), concurrency=args.max_concurrency)
     elif engine_kind == "transformers":
-        engine = make_engine("transformers", model=model_dir, device=args.device, dtype=args.dtype,
-                             max_batch_size=args.max_batch)
+        if args.engine_process:
+            from diaggym_serving.engine_process import EngineProcess
+
+            engine = EngineProcess({"model_dir": model_dir, "device": args.device, "dtype": args.dtype,
+                                    "max_batch_size": args.max_batch})
+        else:
+            engine = make_engine("transformers", model=model_dir, device=args.device, dtype=args.dtype,
+                                 max_batch_size=args.max_batch)
     else:
         engine = make_engine(engine_kind, cases=train, seed=args.seed)
     limits = Limits(max_tokens=args.max_tokens_limit, max_instances=args.max_instances,

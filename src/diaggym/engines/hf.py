@@ -54,7 +54,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # Compact the decode batch when at least this fraction of its rows has finished.
 COMPACT_FRACTION = 0.25
 # Admitting prompts into a running batch rebuilds its KV buffers (a copy of every live row), so a feed's
-# prompts join when a quarter of the batch (or every free row) is waiting, else after this many steps.
+# prompts join when a quarter of the batch is waiting, else after this many steps (a nearly full batch would
+# otherwise be rebuilt for every single arrival).
 ADMIT_EVERY = 16
 
 # --------------------------------------------------------------------------- per-request state
@@ -120,7 +121,7 @@ class TransformersEngine(Engine):
         prefix_cache_tokens: int = 2_000_000,
         eos_token: str | None = None,
         prefill_chunk: int = 4096,
-        ragged_decode: bool | None = None,
+        ragged_decode: bool = False,
         *,
         model: Any = None,
         tokenizer: Any = None,
@@ -132,7 +133,8 @@ class TransformersEngine(Engine):
         then used as it is (its device and dtype are not changed).  Either way the model's attention
         implementation is switched to :data:`ATTN_IMPLEMENTATION` (stock SDPA for every call the
         engine does not plan itself, so ``model.generate`` on the same model still works).
-        ``ragged_decode`` defaults to True on CPU and False elsewhere (see docs/transformers-engine.md).
+        ``ragged_decode``: per-row decode attention (exactly batch-invariant, one attention call per row)
+        instead of one masked call over the padded batch (the default; see docs/transformers-engine.md).
         """
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -167,7 +169,7 @@ class TransformersEngine(Engine):
         if set(getattr(self.model.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
             raise InputError("the engine supports full-attention models only (no sliding-window layers)")
         use_engine_attention(self.model)
-        self.ragged_decode = self.device.type == "cpu" if ragged_decode is None else ragged_decode
+        self.ragged_decode = bool(ragged_decode)
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0) or None
         # <|endoftext|> when the tokenizer has it (what training appends), not an Instruct tokenizer's <|im_end|>
         self.eos_token = eos_token if eos_token is not None else end_of_text(self.tokenizer)
@@ -224,7 +226,7 @@ class TransformersEngine(Engine):
         """Serve ``feed`` until it closes, batching continuously (what the server runs on its engine thread).
 
         Prompts that arrive while a batch decodes join it at the next admission (when as many wait as a
-        quarter of ``max_batch_size`` or as there are free rows, or :data:`ADMIT_EVERY` steps passed), and each
+        quarter of ``max_batch_size``, or :data:`ADMIT_EVERY` steps passed), as many as there are free rows; each
         prompt is delivered the moment it finishes: RL clients get their result and send their next
         request without waiting for the slowest row of a batch.  A prompt that cannot run (empty, too
         long) fails alone; an engine failure fails the prompts in flight with it, and the next ones run.
@@ -305,7 +307,7 @@ class TransformersEngine(Engine):
                 live = [b for b, row in enumerate(batch.rows) if not row.done]
                 free = self.max_batch_size - len(live)
                 waiting = feed.waiting()
-                if free > 0 and waiting and (waiting >= min(free, self._admit_at) or since >= ADMIT_EVERY):
+                if free > 0 and waiting and (waiting >= self._admit_at or since >= ADMIT_EVERY or not live):
                     new = self._rows(feed.take(free, block=False))
                     if new:
                         admitted[:] = [r for r in admitted if r.completion is None] + new  # the ones in flight
@@ -338,7 +340,9 @@ class TransformersEngine(Engine):
                 tokens = [tokens[bpos] for bpos in live]
             # forward the live batch one token
             length = batch.layers[0].length
-            plan = AttentionPlan("ragged", starts=[row.start for row in batch.rows]) if self.ragged_decode else None
+            # a lone row reads only its own columns either way: one attention call, no mask
+            ragged = self.ragged_decode or len(batch.rows) == 1
+            plan = AttentionPlan("ragged", starts=[row.start for row in batch.rows]) if ragged else None
             token = ATTENTION_PLAN.set(plan)
             try:
                 out = self.model(
