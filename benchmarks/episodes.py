@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                    "stream of episodes (as an RL job runs them) rather than the start and the tail of one wave")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=3, help="rounds over the levels, interleaved")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="the server's torch threads (default: every core, as a deployed server has)")
     p.add_argument("--out", default=None, help="JSON record (default benchmarks/results/episodes-ENGINE.json)")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model:
         serve_args += ["--model", args.model]
     log = Path("work") / "bench-episodes-server.log"
-    proc, url = diaggym_serve(serve_args, log)
+    threads = str(args.server_threads or os.cpu_count() or 1)
+    proc, url = diaggym_serve(serve_args, log, env={"OMP_NUM_THREADS": threads})
     results = []
     try:
         proc.wait_ready(f"{url}/v2/health/ready", timeout=600)
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "episodes", "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine_info(),
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
         "engine": args.engine, "model": args.model, "max_tokens": args.max_tokens, "waves": args.waves,
+        "server_threads": int(threads),
         "levels": results,
         "median_episodes_per_s": {str(c): round(v, 3) for c, v in median.items()},
         "speedup_vs_1": {str(c): round(v / median[levels[0]], 2) for c, v in median.items()},
