@@ -123,7 +123,9 @@ def test_engine_process_answers_like_the_engine_and_fails_in_flight_prompts_when
         async def run():
             pairs = zip(prompts[:2], greedy, strict=True)
             first = await asyncio.gather(*(runner.generate([p], [sp]) for p, sp in pairs))
-            long = asyncio.create_task(runner.generate([prompts[2]], [SamplingParams(max_tokens=4000)]))
+            # greedy: a sampled random model may draw its EOS and finish before the kill
+            endless = SamplingParams(max_tokens=4000, temperature=0.0)
+            long = asyncio.create_task(runner.generate([prompts[2]], [endless]))
             await asyncio.sleep(1.0)
             os.kill(remote._child.pid, signal.SIGKILL)  # the engine dies mid-decode
             lost = None
