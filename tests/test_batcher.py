@@ -45,7 +45,7 @@ def test_requests_join_the_running_batch_and_leave_when_done(setup):
     """A long request decodes; short ones sent after it started are answered long before it ends, and every text
     equals what the engine writes for that prompt and seed alone."""
     model, prompts = setup
-    long = SamplingParams(max_tokens=500, temperature=1.0, seed=7)
+    long = SamplingParams(max_tokens=1000, temperature=1.0, seed=7)  # ~40x the steps the short ones need
     shorts = [SamplingParams(max_tokens=4 + i, temperature=1.0 if i % 2 else 0.0, seed=i) for i in range(6)]
     runner = _runner(model, **EXACT)
 
@@ -60,7 +60,9 @@ def test_requests_join_the_running_batch_and_leave_when_done(setup):
 
         try:
             first = asyncio.create_task(one("long", prompts[0], long))
-            await asyncio.sleep(0.3)  # the long one is decoding
+            while runner._feed is None or runner._feed.waiting() or runner._serving is None:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # the engine took it: the long one is decoding
             others = await asyncio.gather(*(one(f"s{i}", prompts[1 + i], p, delay=0.02 * i)
                                             for i, p in enumerate(shorts)))
             return await first, others, done
@@ -68,7 +70,7 @@ def test_requests_join_the_running_batch_and_leave_when_done(setup):
             await runner.close()
 
     first, others, done = asyncio.run(run())
-    assert first.completion_tokens == 500 and first.finish_reason == "length"
+    assert first.completion_tokens == 1000 and first.finish_reason == "length"
     assert [c.completion_tokens for c in others] == [p.max_tokens for p in shorts]
     assert max(done[f"s{i}"] for i in range(len(shorts))) < done["long"]
     alone = TransformersEngine(model, max_batch_size=8, **EXACT)
@@ -124,9 +126,9 @@ def test_engine_process_answers_like_the_engine_and_fails_in_flight_prompts_when
             pairs = zip(prompts[:2], greedy, strict=True)
             first = await asyncio.gather(*(runner.generate([p], [sp]) for p, sp in pairs))
             # greedy: a sampled random model may draw its EOS and finish before the kill
-            endless = SamplingParams(max_tokens=4000, temperature=0.0)
+            endless = SamplingParams(max_tokens=7000, temperature=0.0)
             long = asyncio.create_task(runner.generate([prompts[2]], [endless]))
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
             os.kill(remote._child.pid, signal.SIGKILL)  # the engine dies mid-decode
             lost = None
             try:
