@@ -115,6 +115,7 @@ def test_engine_process_answers_like_the_engine_and_fails_in_flight_prompts_when
     model, prompts = setup
     greedy = [SamplingParams(max_tokens=12, temperature=0.0), SamplingParams(max_tokens=7, temperature=0.0)]
     remote = EngineProcess({"model_dir": str(model), "max_batch_size": 8, **EXACT})
+    runner = None
     try:
         local = TransformersEngine(model, max_batch_size=8, **EXACT)
         assert remote.max_positions == local.max_positions
@@ -148,6 +149,8 @@ def test_engine_process_answers_like_the_engine_and_fails_in_flight_prompts_when
         assert isinstance(after, EngineError) and after.reason == "engine_crash"
         assert broken is not None
     finally:
+        if runner is not None:
+            asyncio.run(runner.close())  # closes the engine process too
         remote.close()
 
 

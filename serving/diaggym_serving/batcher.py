@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from diaggym.engines import Completion, Engine, EngineError, FeedItem, SamplingParams
 from diaggym_serving import metrics
@@ -75,14 +74,15 @@ class EngineRunner:
         self.engine = engine
         self.mode = mode
         self._feed = _Feed() if mode == "batch" else None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine") if mode == "batch" else None
-        self._serving: Future | None = None
+        # a daemon thread: a runner nobody closed must not keep the interpreter from exiting
+        self._serving: threading.Thread | None = None
+        self._failure: BaseException | None = None
         self._closed = False
 
     def broken(self) -> str | None:
         """Why this runner can no longer run anything (its engine thread died), or None."""
-        if self._serving is not None and self._serving.done() and not self._serving.cancelled() and not self._closed:
-            err = self._serving.exception()
+        if self._serving is not None and not self._serving.is_alive() and not self._closed:
+            err = self._failure
             return f"the engine loop stopped: {type(err).__name__}" if err else "the engine loop stopped"
         return None
 
@@ -103,9 +103,10 @@ class EngineRunner:
         return await self._enqueue(prompts, params)
 
     async def _enqueue(self, prompts: list[str], params: list[SamplingParams]) -> list[Completion]:
-        assert self._feed is not None and self._worker is not None
+        assert self._feed is not None
         if self._serving is None:
-            self._serving = self._worker.submit(self.engine.run_feed, self._feed)  # type: ignore[attr-defined]
+            self._serving = threading.Thread(target=self._serve, name="engine", daemon=True)
+            self._serving.start()
         elif (why := self.broken()) is not None:
             raise EngineError(why, reason="engine_crash")
         loop = asyncio.get_running_loop()
@@ -122,6 +123,13 @@ class EngineRunner:
         ])
         return self._observe(await future)
 
+    def _serve(self) -> None:
+        assert self._feed is not None
+        try:
+            self.engine.run_feed(self._feed)  # type: ignore[attr-defined]
+        except BaseException as err:  # noqa: BLE001 - kept for broken() (readiness, the next request)
+            self._failure = err
+
     def _observe(self, out: list[Completion]) -> list[Completion]:
         if self.mode != "batch":
             metrics.BATCH_SIZE.observe(len(out))
@@ -134,8 +142,6 @@ class EngineRunner:
         self._closed = True
         if self._feed is not None:
             self._feed.close()
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
         aclose = getattr(self.engine, "aclose", None)
         if aclose is not None:
             await aclose()
